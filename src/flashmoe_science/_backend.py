@@ -1,0 +1,44 @@
+"""Backend selection: which implementation an op call runs.
+
+Rule (DESIGN.md): CUDA tensors go to the Triton kernels, CPU tensors to the plain-PyTorch
+reference. ``FLASHMOE_BACKEND=reference|triton`` forces a path. ``triton`` on CPU tensors is
+only possible under ``TRITON_INTERPRET=1`` (Triton's interpreter; this is how CI tests the
+kernels without a GPU). The variable is read at call time, so no module state is flipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_VALID = ("auto", "reference", "triton")
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's interpreter is on (kernels may run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def forced_backend() -> str:
+    value = os.environ.get("FLASHMOE_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _VALID:
+        raise ValueError(
+            f"FLASHMOE_BACKEND={value!r} is not understood; expected one of {', '.join(_VALID)}"
+        )
+    return value
+
+
+def select_backend(t: torch.Tensor) -> str:
+    """Return ``"triton"`` or ``"reference"`` for an op whose main input is ``t``."""
+    forced = forced_backend()
+    if forced == "reference":
+        return "reference"
+    if forced == "triton":
+        if t.is_cuda or interpreter_enabled():
+            return "triton"
+        raise ValueError(
+            "FLASHMOE_BACKEND=triton with tensors on "
+            f"{t.device.type!r} needs a CUDA device or TRITON_INTERPRET=1 set before import"
+        )
+    return "triton" if t.is_cuda else "reference"

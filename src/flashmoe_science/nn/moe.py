@@ -1,0 +1,132 @@
+"""``FlashMoELayer``: router + dropless SwiGLU experts (+ optional shared experts).
+
+Weights in DESIGN.md's layout: ``w_gate_up`` (E, 2F, H), ``w_down`` (E, H, F). After each
+forward, ``aux_loss`` holds ``aux_loss_coef * load_balancing + z_loss_coef * z_loss``:
+load balancing as in Switch/GShard, ``E * sum_e f_e * P_e`` with f_e the fraction of the
+T*K assignments that went to expert e and P_e the mean router probability of e; router
+z-loss as in ST-MoE, ``mean_t logsumexp(logits_t)^2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.moe import fused_experts, route
+
+
+def load_balancing_loss(
+    router_logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, scoring: str
+) -> torch.Tensor:
+    """Switch/GShard loss ``E * sum_e f_e * P_e`` (1.0 when perfectly balanced)."""
+    logits = router_logits.float()
+    probs = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
+    if scoring == "sigmoid":
+        probs = probs / probs.sum(-1, keepdim=True)
+    counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
+    counts = counts.index_add(
+        0, topk_ids.reshape(-1).long(), torch.ones(topk_ids.numel(), device=logits.device)
+    )
+    f = counts / max(topk_ids.numel(), 1)
+    p = probs.mean(0)
+    return num_experts * (f * p).sum()
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
+
+
+class FlashMoELayer(nn.Module):
+    """Sparse MoE feed-forward: ``forward(x)`` on (..., H) returns (..., H)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int = 2,
+        ffn_hidden_size: int | None = None,
+        *,
+        scoring: str = "softmax",
+        renormalize: bool = True,
+        num_shared_experts: int = 0,
+        aux_loss_coef: float = 1e-2,
+        z_loss_coef: float = 1e-3,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
+        if scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+        if num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+        factory = {"device": device, "dtype": dtype}
+        ffn = ffn_hidden_size if ffn_hidden_size is not None else 4 * hidden_size
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.ffn_hidden_size = ffn
+        self.scoring = scoring
+        self.renormalize = renormalize
+        self.num_shared_experts = num_shared_experts
+        self.aux_loss_coef = aux_loss_coef
+        self.z_loss_coef = z_loss_coef
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden_size, **factory))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn, **factory))
+        if scoring == "sigmoid":
+            # Selection-only bias (DeepSeek-V3 aux-loss-free balancing); updated by the user.
+            self.register_buffer(
+                "expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32)
+            )
+        else:
+            self.expert_bias = None
+        if num_shared_experts > 0:
+            shared_ffn = num_shared_experts * ffn
+            self.shared_gate_up = nn.Linear(hidden_size, 2 * shared_ffn, bias=False, **factory)
+            self.shared_down = nn.Linear(shared_ffn, hidden_size, bias=False, **factory)
+        else:
+            self.shared_gate_up = None
+            self.shared_down = None
+        self.aux_loss: torch.Tensor | None = None
+        self.last_topk_ids: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Each expert's projections initialised as an nn.Linear of the same shape would be.
+        nn.init.normal_(self.router.weight, std=0.02)
+        nn.init.uniform_(self.w_gate_up, -1 / math.sqrt(self.hidden_size), 1 / math.sqrt(self.hidden_size))
+        nn.init.uniform_(self.w_down, -1 / math.sqrt(self.ffn_hidden_size), 1 / math.sqrt(self.ffn_hidden_size))
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"ffn_hidden_size={self.ffn_hidden_size}, scoring={self.scoring!r}, "
+            f"num_shared_experts={self.num_shared_experts}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x has last dim {x.shape[-1]}; expected hidden_size={self.hidden_size}")
+        shape = x.shape
+        tokens = x.reshape(-1, self.hidden_size)
+        logits = self.router(tokens)
+        weights, ids = route(
+            logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
+            bias=self.expert_bias,
+        )
+        y = fused_experts(tokens, self.w_gate_up, self.w_down, weights.to(tokens.dtype), ids)
+        if self.shared_gate_up is not None:
+            gate, up = self.shared_gate_up(tokens).chunk(2, dim=-1)
+            y = y + self.shared_down(F.silu(gate) * up)
+        if tokens.shape[0] > 0:
+            lb = load_balancing_loss(logits, ids, self.num_experts, self.scoring)
+            self.aux_loss = self.aux_loss_coef * lb + self.z_loss_coef * router_z_loss(logits)
+        else:
+            self.aux_loss = logits.new_zeros((), dtype=torch.float32)
+        self.last_topk_ids = ids.detach()
+        return y.reshape(shape)
