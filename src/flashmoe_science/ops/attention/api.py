@@ -19,7 +19,7 @@ from ..._validation import (
     check_same_dtype,
     check_tensor,
 )
-from . import reference
+from . import autograd
 
 
 def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_axis: int) -> None:
@@ -120,13 +120,10 @@ def flash_attention_science(
         lse = torch.full((b, h, s_q), float("-inf"), dtype=torch.float32, device=q.device)
         return (out, lse) if return_lse else out
 
-    if _triton_path(q):
+    use_kernel = _triton_path(q)
+    if use_kernel:
         _check_kernel_support(q, k, v)
-        from . import autograd
-
-        out, lse = autograd.attention(q, k, v, causal, scale)
-    else:
-        out, lse = reference.attention_ref(q, k, v, causal, scale)
+    out, lse = autograd.attention(q, k, v, causal, scale, use_kernel)
     return (out, lse) if return_lse else out
 
 
@@ -200,15 +197,10 @@ def flash_attention_varlen(
         lse = q.new_empty((q.shape[1], 0), dtype=torch.float32)
         return (out, lse) if return_lse else out
 
-    if _triton_path(q):
+    use_kernel = _triton_path(q)
+    if use_kernel:
         _check_kernel_support(q, k, v)
-        from . import autograd
-
-        out, lse = autograd.attention_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
-        )
-    else:
-        out, lse = reference.attention_varlen_ref(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale
-        )
+    out, lse = autograd.attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, use_kernel
+    )
     return (out, lse) if return_lse else out

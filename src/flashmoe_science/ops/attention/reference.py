@@ -97,3 +97,60 @@ def attention_varlen_ref(
     out = torch.cat(outs, dim=0) if outs else q.new_empty((0,) + tuple(q.shape[1:]))
     lse = torch.cat(lses, dim=1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32)
     return out, lse
+
+
+def attention_bwd_ref(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Explicit attention backward (the FlashAttention-2 equations), float32 math for half
+    inputs. P is recomputed from lse; GQA gradients are summed over each KV head's group."""
+    b, h, s_q, d = q.shape
+    h_kv, s_k = k.shape[1], k.shape[2]
+    g = h // h_kv
+    cd = _compute_dtype(q.dtype, None)
+    qg = q.to(cd).reshape(b, h_kv, g, s_q, d)
+    kf, vf = k.to(cd), v.to(cd)
+    dog = do.to(cd).reshape(b, h_kv, g, s_q, d)
+    og = out.to(cd).reshape(b, h_kv, g, s_q, d)
+    lse_g = lse.to(cd).reshape(b, h_kv, g, s_q, 1)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, kf) * softmax_scale
+    if causal:
+        s = s.masked_fill(causal_mask(s_q, s_k, q.device), float("-inf"))
+    # Rows that saw no key (lse = -inf) have P = 0 and contribute nothing.
+    p = torch.exp(s - torch.where(torch.isfinite(lse_g), lse_g, torch.zeros_like(lse_g)))
+    p = torch.where(torch.isfinite(lse_g), p, torch.zeros_like(p))
+    dv = torch.einsum("bhgqk,bhgqd->bhkd", p, dog)
+    dp = torch.einsum("bhgqd,bhkd->bhgqk", dog, vf)
+    delta = (dog * og).sum(-1, keepdim=True)
+    ds = p * (dp - delta) * softmax_scale
+    dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, kf).reshape(b, h, s_q, d)
+    dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, qg)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_varlen_bwd_ref(
+    do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal: bool, softmax_scale: float
+):
+    """Varlen backward, one sequence at a time (layouts as ``attention_varlen_ref``)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    to_dense = lambda t, a, z: t[a:z].transpose(0, 1).unsqueeze(0)  # noqa: E731
+    for i in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[i], cq[i + 1], ck[i], ck[i + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        g = attention_bwd_ref(
+            to_dense(do, q0, q1), to_dense(q, q0, q1), to_dense(k, k0, k1), to_dense(v, k0, k1),
+            to_dense(out, q0, q1), lse[:, q0:q1].unsqueeze(0), causal, softmax_scale,
+        )
+        dq[q0:q1] = g[0][0].transpose(0, 1)
+        dk[k0:k1] = g[1][0].transpose(0, 1)
+        dv[k0:k1] = g[2][0].transpose(0, 1)
+    return dq, dk, dv

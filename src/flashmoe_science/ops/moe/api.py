@@ -16,7 +16,7 @@ from ..._validation import (
     check_same_dtype,
     check_tensor,
 )
-from . import reference
+from . import autograd, reference
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -94,13 +94,12 @@ def route(
         scoring=scoring, renormalize=bool(renormalize), bias=bias, n_group=n_group,
         topk_group=topk_group,
     )
-    if router_logits.shape[0] > 0 and select_backend(router_logits) == "triton" and (
-        router_logits.dtype != torch.float64
-    ):
-        from . import autograd
-
-        return autograd.route(router_logits, top_k, **kwargs)
-    return reference.route_ref(router_logits, top_k, **kwargs)
+    use_kernel = (
+        router_logits.shape[0] > 0
+        and select_backend(router_logits) == "triton"
+        and router_logits.dtype != torch.float64
+    )
+    return autograd.route(router_logits, top_k, **kwargs, use_kernel=use_kernel)
 
 
 def _check_experts_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation) -> None:
@@ -182,13 +181,8 @@ def fused_experts(
 def _run_experts(x, w_gate_up, w_down, topk_weights, topk_ids, activation):
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
-    if select_backend(x) == "triton" and _kernel_dtype(x):
-        from . import autograd
-
-        return autograd.fused_experts(x, w_gate_up, w_down, topk_weights, topk_ids, activation)
-    return reference.fused_experts_ref(
-        x, w_gate_up, w_down, topk_weights, topk_ids, activation=activation
-    )
+    use_kernel = select_backend(x) == "triton" and _kernel_dtype(x)
+    return autograd.fused_experts(x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel)
 
 
 def fused_moe(
