@@ -36,7 +36,9 @@ def assert_close_rule(
     # Where the oracle itself is infinite (lse of a row that sees nothing) demand equality.
     if (~finite).any():
         assert torch.equal(o[~finite], r[~finite]), f"{name}: non-finite entries differ from the reference"
-    assert not torch.isnan(o[finite]).any(), f"{name}: NaN in output at {torch.isnan(o).nonzero()[:5].tolist()}"
+    assert not torch.isnan(o[finite]).any(), (
+        f"{name}: NaN in output at {torch.isnan(o).nonzero()[:5].tolist()}"
+    )
     err = (o - r).abs().masked_fill(~finite, 0)
     base = (p - r).abs().masked_fill(~finite, 0).max().item()
     floor = rounding_floor(r.masked_fill(~finite, 0), out.dtype) + extra_floor

@@ -23,9 +23,7 @@ def interpreter_enabled() -> bool:
 def forced_backend() -> str:
     value = os.environ.get("FLASHMOE_BACKEND", "auto").strip().lower() or "auto"
     if value not in _VALID:
-        raise ValueError(
-            f"FLASHMOE_BACKEND={value!r} is not understood; expected one of {', '.join(_VALID)}"
-        )
+        raise ValueError(f"FLASHMOE_BACKEND={value!r} is not understood; expected one of {', '.join(_VALID)}")
     return value
 
 

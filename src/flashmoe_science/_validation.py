@@ -14,9 +14,7 @@ def check_tensor(name: str, t: object, *, ndim: int | None = None) -> torch.Tens
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(
-            f"{name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})"
-        )
+        raise ValueError(f"{name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
     return t
 
 
@@ -44,9 +42,7 @@ def check_same_device(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> 
 
 def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
     if t.shape[dim] != expected:
-        raise ValueError(
-            f"{name} has {what} {t.shape[dim]} (shape {tuple(t.shape)}); expected {expected}"
-        )
+        raise ValueError(f"{name} has {what} {t.shape[dim]} (shape {tuple(t.shape)}); expected {expected}")
 
 
 def check_int_tensor(name: str, t: torch.Tensor, dtypes=(torch.int32, torch.int64)) -> None:

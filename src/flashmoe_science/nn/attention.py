@@ -43,9 +43,7 @@ class FlashMoEScienceAttention(nn.Module):
     ) -> None:
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
-            raise ValueError(
-                f"embed_dim={embed_dim} must be a positive multiple of num_heads={num_heads}"
-            )
+            raise ValueError(f"embed_dim={embed_dim} must be a positive multiple of num_heads={num_heads}")
         kv = num_heads if num_kv_heads is None else num_kv_heads
         if kv <= 0 or num_heads % kv != 0:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={kv}")
@@ -56,9 +54,7 @@ class FlashMoEScienceAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.batch_first = batch_first
         self._kv_dim = kv * self.head_dim
-        self.in_proj_weight = nn.Parameter(
-            torch.empty(embed_dim + 2 * self._kv_dim, embed_dim, **factory)
-        )
+        self.in_proj_weight = nn.Parameter(torch.empty(embed_dim + 2 * self._kv_dim, embed_dim, **factory))
         self.in_proj_bias = (
             nn.Parameter(torch.empty(embed_dim + 2 * self._kv_dim, **factory)) if bias else None
         )
@@ -155,9 +151,7 @@ class FlashMoEScienceAttention(nn.Module):
         k_packed = k[keep]
         v_packed = v[keep]
         max_k = int(lengths_k.max()) if b > 0 else 0
-        out = flash_attention_varlen(
-            q.reshape(b * s_q, h, d), k_packed, v_packed, cu_q, cu_k, s_q, max_k
-        )
+        out = flash_attention_varlen(q.reshape(b * s_q, h, d), k_packed, v_packed, cu_q, cu_k, s_q, max_k)
         return out.view(b, s_q, h, d)
 
     def _sdpa(self, q, k, v, attn_mask, key_padding_mask, causal):
@@ -203,8 +197,14 @@ class FlashMoEScienceAttention(nn.Module):
         q, k, v = self._project(x, x, x)
         h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         out = flash_attention_varlen(
-            q.view(t, h, d), k.view(t, h_kv, d), v.view(t, h_kv, d),
-            cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
+            q.view(t, h, d),
+            k.view(t, h_kv, d),
+            v.view(t, h_kv, d),
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            causal=causal,
         )
         return self.out_proj(out.reshape(t, self.embed_dim))
 

@@ -80,9 +80,7 @@ class FlashMoELayer(nn.Module):
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn, **factory))
         if scoring == "sigmoid":
             # Selection-only bias (DeepSeek-V3 aux-loss-free balancing); updated by the user.
-            self.register_buffer(
-                "expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32)
-            )
+            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
         else:
             self.expert_bias = None
         if num_shared_experts > 0:
@@ -100,7 +98,9 @@ class FlashMoELayer(nn.Module):
         # Each expert's projections initialised as an nn.Linear of the same shape would be.
         nn.init.normal_(self.router.weight, std=0.02)
         nn.init.uniform_(self.w_gate_up, -1 / math.sqrt(self.hidden_size), 1 / math.sqrt(self.hidden_size))
-        nn.init.uniform_(self.w_down, -1 / math.sqrt(self.ffn_hidden_size), 1 / math.sqrt(self.ffn_hidden_size))
+        nn.init.uniform_(
+            self.w_down, -1 / math.sqrt(self.ffn_hidden_size), 1 / math.sqrt(self.ffn_hidden_size)
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -116,7 +116,10 @@ class FlashMoELayer(nn.Module):
         tokens = x.reshape(-1, self.hidden_size)
         logits = self.router(tokens)
         weights, ids = route(
-            logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
+            logits,
+            self.top_k,
+            scoring=self.scoring,
+            renormalize=self.renormalize,
             bias=self.expert_bias,
         )
         y = fused_experts(tokens, self.w_gate_up, self.w_down, weights.to(tokens.dtype), ids)

@@ -25,16 +25,12 @@ from . import autograd
 def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_axis: int) -> None:
     h, h_kv = q.shape[head_axis], k.shape[head_axis]
     if h_kv == 0 or h % h_kv != 0:
-        raise ValueError(
-            f"q has {h} heads and k has {h_kv}; heads_q must be a positive multiple of heads_kv"
-        )
+        raise ValueError(f"q has {h} heads and k has {h_kv}; heads_q must be a positive multiple of heads_kv")
     if v.shape[head_axis] != h_kv:
         raise ValueError(f"v has {v.shape[head_axis]} heads but k has {h_kv}; they must match")
     d = q.shape[-1]
     if k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(
-            f"head_dim must agree: q has {d}, k has {k.shape[-1]}, v has {v.shape[-1]}"
-        )
+        raise ValueError(f"head_dim must agree: q has {d}, k has {k.shape[-1]}, v has {v.shape[-1]}")
     if d == 0:
         raise ValueError("head_dim must be positive, got 0")
 
@@ -144,9 +140,7 @@ def _check_cu_seqlens(name: str, cu: object, total: int, max_seqlen: object, max
         if bool((lengths < 0).any()):
             raise ValueError(f"{name} must be non-decreasing, got {c.tolist()}")
         if c[-1].item() != total:
-            raise ValueError(
-                f"{name} ends at {c[-1].item()} but the packed tensor has {total} tokens"
-            )
+            raise ValueError(f"{name} ends at {c[-1].item()} but the packed tensor has {total} tokens")
         longest = int(lengths.max().item()) if lengths.numel() else 0
         if longest > max_seqlen:
             raise ValueError(f"{max_name}={max_seqlen} but {name} has a sequence of {longest}")

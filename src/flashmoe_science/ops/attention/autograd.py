@@ -38,8 +38,15 @@ def _(q, k, v, causal, scale, use_kernel):
 
 @torch.library.custom_op(f"{_LIB}::attn_bwd", mutates_args=())
 def attn_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, causal: bool, scale: float, use_kernel: bool,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+    use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel:
         from . import launch_bwd
@@ -77,9 +84,16 @@ def attention(q, k, v, causal: bool, scale: float, use_kernel: bool):
 # ---------------------------------------------------------------- varlen
 @torch.library.custom_op(f"{_LIB}::attn_varlen_fwd", mutates_args=())
 def attn_varlen_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-    scale: float, use_kernel: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_kernel:
         from . import launch
@@ -100,16 +114,36 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, s
 
 @torch.library.custom_op(f"{_LIB}::attn_varlen_bwd", mutates_args=())
 def attn_varlen_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, use_kernel: bool,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel:
         from . import launch_bwd
 
         return launch_bwd.attention_varlen_bwd(
-            do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            causal, scale,
+            do,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            causal,
+            scale,
         )
     return reference.attention_varlen_bwd_ref(
         do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale
@@ -117,7 +151,9 @@ def attn_varlen_bwd(
 
 
 @attn_varlen_bwd.register_fake
-def _(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, use_kernel):
+def _(
+    do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, use_kernel
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -132,8 +168,19 @@ def _varlen_setup(ctx, inputs, output):
 def _varlen_backward(ctx, d_out, d_lse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = attn_varlen_bwd(
-        d_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.causal,
-        ctx.scale, ctx.use_kernel,
+        d_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        ctx.max_q,
+        ctx.max_k,
+        ctx.causal,
+        ctx.scale,
+        ctx.use_kernel,
     )
     # cu_seqlens_q/k, max_seqlen_q/k, causal, scale, use_kernel: not differentiable.
     return dq, dk, dv, None, None, None, None, None, None, None

@@ -147,8 +147,14 @@ def attention_varlen_bwd_ref(
         if q1 == q0 or k1 == k0:
             continue
         g = attention_bwd_ref(
-            to_dense(do, q0, q1), to_dense(q, q0, q1), to_dense(k, k0, k1), to_dense(v, k0, k1),
-            to_dense(out, q0, q1), lse[:, q0:q1].unsqueeze(0), causal, softmax_scale,
+            to_dense(do, q0, q1),
+            to_dense(q, q0, q1),
+            to_dense(k, k0, k1),
+            to_dense(v, k0, k1),
+            to_dense(out, q0, q1),
+            lse[:, q0:q1].unsqueeze(0),
+            causal,
+            softmax_scale,
         )
         dq[q0:q1] = g[0][0].transpose(0, 1)
         dk[k0:k1] = g[1][0].transpose(0, 1)

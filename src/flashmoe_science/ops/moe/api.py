@@ -91,7 +91,10 @@ def route(
     """
     _check_routing_args(router_logits, top_k, scoring, bias, n_group, topk_group)
     kwargs = dict(
-        scoring=scoring, renormalize=bool(renormalize), bias=bias, n_group=n_group,
+        scoring=scoring,
+        renormalize=bool(renormalize),
+        bias=bias,
+        n_group=n_group,
         topk_group=topk_group,
     )
     use_kernel = (
@@ -120,7 +123,9 @@ def _check_experts_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation
     t, h = x.shape
     e, f2, h1 = w_gate_up.shape
     if h1 != h:
-        raise ValueError(f"w_gate_up has hidden size {h1} (shape {tuple(w_gate_up.shape)}); expected {h} from x")
+        raise ValueError(
+            f"w_gate_up has hidden size {h1} (shape {tuple(w_gate_up.shape)}); expected {h} from x"
+        )
     if f2 % 2 != 0 or f2 == 0:
         raise ValueError(f"w_gate_up dim 1 must be 2*ffn (even, > 0), got {f2}")
     if tuple(w_down.shape) != (e, h, f2 // 2):
@@ -149,8 +154,7 @@ def _check_ids_range(topk_ids: torch.Tensor, num_experts: int) -> None:
     lo, hi = int(topk_ids.min()), int(topk_ids.max())
     if lo < 0 or hi >= num_experts:
         raise ValueError(
-            f"topk_ids must be in [0, {num_experts}) (the number of experts), "
-            f"got values in [{lo}, {hi}]"
+            f"topk_ids must be in [0, {num_experts}) (the number of experts), got values in [{lo}, {hi}]"
         )
 
 

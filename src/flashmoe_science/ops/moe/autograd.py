@@ -18,8 +18,14 @@ _LIB = "flashmoe_science"
 # ---------------------------------------------------------------- routing
 @torch.library.custom_op(f"{_LIB}::route", mutates_args=())
 def route_op(
-    router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
-    bias: torch.Tensor | None, n_group: int | None, topk_group: int | None, use_kernel: bool,
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    bias: torch.Tensor | None,
+    n_group: int | None,
+    topk_group: int | None,
+    use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kwargs = dict(scoring=scoring, renormalize=renormalize, bias=bias, n_group=n_group, topk_group=topk_group)
     if use_kernel:
@@ -41,7 +47,10 @@ def _(router_logits, top_k, scoring, renormalize, bias, n_group, topk_group, use
 
 @torch.library.custom_op(f"{_LIB}::route_bwd", mutates_args=())
 def route_bwd(
-    d_weights: torch.Tensor, router_logits: torch.Tensor, topk_ids: torch.Tensor, scoring: str,
+    d_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    scoring: str,
     renormalize: bool,
 ) -> torch.Tensor:
     """d router_logits from d topk_weights, the selection (ids) held fixed."""
@@ -77,8 +86,13 @@ def route(router_logits, top_k, *, scoring, renormalize, bias, n_group, topk_gro
 # ---------------------------------------------------------------- experts
 @torch.library.custom_op(f"{_LIB}::experts_fwd", mutates_args=())
 def experts_fwd(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor, activation: str, use_kernel: bool,
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+    use_kernel: bool,
 ) -> torch.Tensor:
     if use_kernel:
         from . import launch
@@ -94,8 +108,14 @@ def _(x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel):
 
 @torch.library.custom_op(f"{_LIB}::experts_bwd", mutates_args=())
 def experts_bwd(
-    dy: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-    topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str, use_kernel: bool,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+    use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel:
         from . import launch
@@ -109,7 +129,9 @@ def experts_bwd(
 @experts_bwd.register_fake
 def _(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel):
     return (
-        torch.empty_like(x), torch.empty_like(w_gate_up), torch.empty_like(w_down),
+        torch.empty_like(x),
+        torch.empty_like(w_gate_up),
+        torch.empty_like(w_down),
         torch.empty_like(topk_weights),
     )
 

@@ -72,9 +72,7 @@ def route_ref(
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(torch.float32 if logits.dtype != torch.float64 else torch.float64), ids.to(
-        torch.int32
-    )
+    return weights.to(torch.float32 if logits.dtype != torch.float64 else torch.float64), ids.to(torch.int32)
 
 
 def fused_experts_ref(
@@ -163,13 +161,18 @@ def fused_experts_bwd_ref(
         dw1[expert] = dh.t() @ xe
         dx.index_add_(0, rows, dh @ w1)
     return (
-        dx.to(x.dtype), dw1.to(w_gate_up.dtype), dw2.to(w_down.dtype),
+        dx.to(x.dtype),
+        dw1.to(w_gate_up.dtype),
+        dw2.to(w_down.dtype),
         dtw.view(topk_weights.shape).to(topk_weights.dtype),
     )
 
 
 def route_bwd_ref(
-    d_weights: torch.Tensor, router_logits: torch.Tensor, topk_ids: torch.Tensor, scoring: str,
+    d_weights: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    scoring: str,
     renormalize: bool,
 ) -> torch.Tensor:
     """d router_logits from d topk_weights with the selected ids held fixed."""
