@@ -1,9 +1,18 @@
 import os
 
-import pytest
-import torch
+# Without a GPU the Triton kernels run in Triton's interpreter. This must be set before any
+# module with @triton.jit is imported (the kernel modules are imported lazily, after this).
+try:
+    import torch
 
-# Keep CPU runs reproducible and small-core friendly.
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
