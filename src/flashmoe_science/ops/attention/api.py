@@ -130,9 +130,10 @@ def _check_cu_seqlens(name: str, cu: object, total: int, max_seqlen: object, max
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got shape {tuple(cu.shape)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    if not torch.compiler.is_compiling():
-        # Value checks need the data; they are skipped while tracing (the metadata checks
-        # above still run). One host sync here, never inside the kernels.
+    capturing = cu.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing:
+        # Value checks need the data; they are skipped while tracing or capturing a CUDA
+        # graph (the metadata checks above still run). One host sync here, never in kernels.
         c = cu.detach().to("cpu", torch.int64)
         if c[0].item() != 0:
             raise ValueError(f"{name} must start at 0, got {c[0].item()}")
