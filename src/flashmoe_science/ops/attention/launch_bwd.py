@@ -1,20 +1,255 @@
-"""Attention backward launchers (contract placeholder: delegates to the reference until the
-Triton kernels land in ``kernels/bwd.py``)."""
+"""Attention backward launchers: grids, autotune configs and the dQ strategy.
+
+Shape letters: B batch, H query heads, H_kv key/value heads, S_q / S_k sequence lengths,
+D head dim; varlen tensors are packed (T, H, D).
+
+Strategy (kernels in ``kernels/bwd.py``):
+  1. ``_bwd_preprocess``: delta = rowsum(dO * O), float32.
+  2. ``_bwd_dkdv``: one program per (KV block, b, kv head) loops over the query blocks of
+     every query head of its group; dK/dV sums stay in registers.
+  3. dQ, either
+     * ``"separate"``: the ``_bwd_dq`` kernel (recomputes P and dP; deterministic), or
+     * ``"atomic"``: ``_bwd_dkdv`` adds dS K into a float32 buffer with atomics (fewer
+       GEMMs; the summation order varies run to run).
+     Deterministic mode (``torch.are_deterministic_algorithms_enabled()`` or
+     ``FLASHMOE_DETERMINISTIC=1``) always uses ``"separate"``. Otherwise the default is
+     ``_DEFAULT_DQ_MODE``; ``FLASHMOE_ATTN_BWD_DQ=separate|atomic`` overrides it.
+
+Autotuning: each kernel is tuned per (head dim, causal, varlen, dtype) over the configs
+below (pruned by ``_prune_configs`` for the head dim). ``FLASHMOE_ATTN_BWD_TUNE=0`` keeps
+only the first config that fits (quick tests); ``FLASHMOE_ATTN_BWD_TUNE=<i>`` keeps the
+i-th one (used by ``benchmarks/attn_bwd_tune.py`` to compile configs in parallel). Under
+``TRITON_INTERPRET=1`` there is one fixed config (the interpreter cannot autotune).
+"""
 
 from __future__ import annotations
 
-from . import reference
+import os
+
+import torch
+import triton
+
+from ..._backend import interpreter_enabled
+from .kernels import bwd as _k
+
+# Measured choice (see docs/attention_bwd.md); "separate" is also the deterministic path.
+_DEFAULT_DQ_MODE = "separate"
+_MAX_HEAD_DIM = 256
+_PRE_BLOCK_M = 64
+
+
+def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+if interpreter_enabled():
+    # BLOCK_M != BLOCK_N on purpose: the CPU tests then exercise the general mask bounds.
+    _DKDV_CONFIGS = [_cfg(32, 64, 4, 1)]
+    _DQ_CONFIGS = [_cfg(64, 32, 4, 1)]
+else:
+    # (BLOCK_M, BLOCK_N, warps, stages). dK/dV keeps two (BLOCK_N, D) float32 accumulators
+    # in registers, so it prefers narrow Q tiles; dQ keeps one (BLOCK_M, D).
+    _DKDV_CONFIGS = [
+        _cfg(64, 128, 8, 2),
+        _cfg(32, 128, 4, 3),
+        _cfg(32, 128, 8, 3),
+        _cfg(64, 128, 8, 3),
+        _cfg(64, 64, 4, 3),
+        _cfg(128, 128, 8, 2),
+        _cfg(32, 64, 4, 3),
+        _cfg(16, 64, 4, 2),
+    ]
+    _DQ_CONFIGS = [
+        _cfg(128, 64, 8, 2),
+        _cfg(128, 32, 4, 3),
+        _cfg(128, 64, 8, 3),
+        _cfg(128, 128, 8, 2),
+        _cfg(64, 64, 4, 3),
+        _cfg(64, 128, 8, 2),
+        _cfg(64, 32, 4, 2),
+    ]
+
+
+def _fits(cfg: triton.Config, block_d: int, rows_kept: int) -> bool:
+    """Register/shared-memory budget: the tile kept on chip (rows_kept x D) and the
+    streamed tiles must stay small for the large head dims."""
+    m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    kept = n if rows_kept == 0 else m
+    if block_d >= 256:
+        return kept <= 64 and m * n <= 64 * 64 and cfg.num_stages <= 2
+    if block_d >= 128:
+        return kept <= 128
+    return True
+
+
+def _make_pruner(rows_kept: int):
+    """rows_kept: 0 when the program keeps a BLOCK_N x D tile (dK/dV), 1 for BLOCK_M (dQ)."""
+
+    def _prune_configs(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        fitting = [c for c in configs if _fits(c, block_d, rows_kept)] or configs[-1:]
+        choice = os.environ.get("FLASHMOE_ATTN_BWD_TUNE", "").strip()
+        if choice == "0":
+            return fitting[:1]
+        if choice.isdigit():
+            i = int(choice)
+            return [configs[i]] if i < len(configs) else fitting[:1]
+        return fitting
+
+    return _prune_configs
+
+
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "IS_VARLEN"]
+_dkdv = triton.autotune(
+    configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _make_pruner(0)}
+)(_k._bwd_dkdv)
+# The atomic variant accumulates into DQ_ACC, which must be zeroed before each tuning run.
+_dkdv_atomic = triton.autotune(
+    configs=_DKDV_CONFIGS,
+    key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _make_pruner(0)},
+    reset_to_zero=["DQ_ACC"],
+)(_k._bwd_dkdv)
+_dq = triton.autotune(
+    configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _make_pruner(1)}
+)(_k._bwd_dq)
+
+
+def deterministic_requested() -> bool:
+    return (
+        torch.are_deterministic_algorithms_enabled() or os.environ.get("FLASHMOE_DETERMINISTIC", "0") == "1"
+    )
+
+
+def dq_mode() -> str:
+    """ "separate" or "atomic" (see the module docstring)."""
+    if deterministic_requested():
+        return "separate"
+    mode = os.environ.get("FLASHMOE_ATTN_BWD_DQ", _DEFAULT_DQ_MODE).strip().lower()
+    if mode not in ("separate", "atomic"):
+        raise ValueError(f"FLASHMOE_ATTN_BWD_DQ={mode!r} is not understood; expected separate or atomic")
+    return mode
+
+
+def _check(**tensors: torch.Tensor) -> None:
+    d = tensors["q"].shape[-1]
+    if d > _MAX_HEAD_DIM:
+        raise ValueError(f"the attention backward kernel supports head_dim <= {_MAX_HEAD_DIM}, got {d}")
+    for name, t in tensors.items():
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got strides {tuple(t.stride())}")
+
+
+def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, seq) strides; packed varlen tensors (T, H, D) have no batch stride."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _lse_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, seq) strides of lse / delta: (B, H, S_q) dense, (H, T_q) varlen."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _run(do, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
+    """Shared launcher for the dense (varlen=False) and packed layouts."""
+    h, d = (q.shape[1], q.shape[-1])
+    h_kv = k.shape[1]
+    group = h // h_kv
+    block_d = max(16, triton.next_power_of_2(d))
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    if cu_q is None:  # dense: the cu_seqlens arguments are unused; any pointer will do
+        cu_q = cu_k = lse
+    common = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal), IS_VARLEN=varlen)
+
+    _k._bwd_preprocess[(triton.cdiv(max_q, _PRE_BLOCK_M), batch * h)](
+        out, do, delta, cu_q,
+        *_strides3(out, varlen), *_strides3(do, varlen), *_lse_strides(delta, varlen),
+        max_q, h,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_PRE_BLOCK_M, IS_VARLEN=varlen,
+    )  # fmt: skip
+
+    atomic = dq_mode() == "atomic"
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else delta
+    dq_acc_strides = _strides3(dq_acc, varlen) if atomic else (0, 0, 0)
+    kernel = _dkdv_atomic if atomic else _dkdv
+
+    def grid_dkdv(meta):
+        return (triton.cdiv(max_k, meta["BLOCK_N"]), batch * h_kv)
+
+    kernel[grid_dkdv](
+        q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
+        *_lse_strides(lse, varlen), *_lse_strides(delta, varlen),
+        *_strides3(dk, varlen), *_strides3(dv, varlen), *dq_acc_strides,
+        max_q, max_k, h_kv, group, scale,
+        DQ_ATOMIC=atomic, **common,
+    )  # fmt: skip
+
+    if atomic:
+        dq.copy_(dq_acc.mul_(scale))
+        return dq, dk, dv
+
+    def grid_dq(meta):
+        return (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h)
+
+    _dq[grid_dq](
+        q, k, v, do, lse, delta, dq, cu_q, cu_k,
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
+        *_lse_strides(lse, varlen), *_lse_strides(delta, varlen), *_strides3(dq, varlen),
+        max_q, max_k, h, group, scale,
+        **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _interpreter_bf16(*tensors: torch.Tensor) -> bool:
+    # Triton's interpreter computes bfloat16 wrong: run those in float32 there.
+    return interpreter_enabled() and tensors[0].dtype == torch.bfloat16
 
 
 def attention_bwd(do, q, k, v, out, lse, causal: bool, scale: float):
-    """Dense backward: do/q/out (B, H, S_q, D), k/v (B, H_kv, S_k, D), lse float32 (B, H, S_q)."""
-    return reference.attention_bwd_ref(do, q, k, v, out, lse, causal, scale)
+    """Dense backward.
+
+    Args:
+        do, q, out: (B, H, S_q, D); k, v: (B, H_kv, S_k, D) (any strides, contiguous last
+            dim); lse: float32 (B, H, S_q), natural log, from the forward.
+    Returns:
+        (dq, dk, dv) with the shapes and dtypes of q, k, v.
+    """
+    _check(do=do, q=q, k=k, v=v, out=out)
+    if _interpreter_bf16(q):
+        up = [t.float() for t in (do, q, k, v, out)]
+        return tuple(g.to(torch.bfloat16) for g in attention_bwd(*up, lse, causal, scale))
+    b, h, s_q, _ = q.shape
+    s_k = k.shape[2]
+    if b == 0 or s_q == 0 or s_k == 0:  # nothing to launch: no row sees a key
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    return _run(do, q, k, v, out, lse, None, None, b, s_q, s_k, causal, scale, varlen=False)
 
 
 def attention_varlen_bwd(
     do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal, scale
 ):
-    """Varlen backward: packed (T, H, D) layouts, lse (H, T_q)."""
-    return reference.attention_varlen_bwd_ref(
-        do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale
-    )
+    """Varlen backward: do/q/out (T_q, H, D), k/v (T_k, H_kv, D), lse float32 (H, T_q),
+    ``cu_seqlens_*`` int32 (B + 1). Empty sequences are allowed; no host sync."""
+    _check(do=do, q=q, k=k, v=v, out=out)
+    if _interpreter_bf16(q):
+        up = [t.float() for t in (do, q, k, v, out)]
+        grads = attention_varlen_bwd(
+            *up, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+        )
+        return tuple(g.to(torch.bfloat16) for g in grads)
+    batch = cu_seqlens_q.shape[0] - 1
+    if batch <= 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    return _run(
+        do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch,
+        max_seqlen_q, max_seqlen_k, causal, scale, varlen=True,
+    )  # fmt: skip
