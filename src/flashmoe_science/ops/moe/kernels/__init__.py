@@ -1,0 +1,1 @@
+"""Triton kernels of the fused MoE (imported lazily by ``launch``, after TRITON_INTERPRET is set)."""

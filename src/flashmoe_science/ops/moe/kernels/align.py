@@ -1,0 +1,101 @@
+"""Alignment: from topk_ids (T*K flat "slots", slot = t*K + k) to per-expert segments of rows
+padded to BLOCK_M, entirely on the GPU and with no host synchronisation.
+
+Three launches, all sized by shapes only (never by the routing data):
+  1. ``align_count_kernel`` (one program per CHUNK slots): histogram of the chunk's experts.
+  2. ``align_scan_kernel`` (one program): per-expert totals, padded segment starts, the
+     destination base of each (chunk, expert) pair, and the expert of every BLOCK_M block
+     of the worst-case-sized row buffer (-1 past the last used block).
+  3. ``align_scatter_kernel`` (one program per chunk): sorts the chunk by (expert, slot),
+     writes each slot to its row. Within an expert, rows are in slot order (deterministic).
+
+Outputs: ``sorted_slots[row]`` (slot at each row; padding rows are never read),
+``expert_start[e]`` (first row of e's segment, a multiple of BLOCK_M), ``expert_count[e]``
+(slots routed to e), ``block_expert[b]``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_ids(ids_ptr, c, numel, E, CHUNK: tl.constexpr):
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(ids_ptr + offs, mask=offs < numel, other=E)
+    # Out-of-range ids (only possible when the API's value check was skipped) land in the
+    # spare bin E and are dropped rather than written out of bounds.
+    return tl.where((ids >= 0) & (ids < E), ids, E)
+
+
+@triton.jit
+def align_count_kernel(ids_ptr, counts_ptr, numel, E, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    c = tl.program_id(0)
+    ids = _load_ids(ids_ptr, c, numel, E, CHUNK)
+    hist = tl.histogram(ids, BLOCK_E)
+    tl.store(counts_ptr + c * BLOCK_E + tl.arange(0, BLOCK_E), hist)
+
+
+@triton.jit
+def align_scan_kernel(
+    counts_ptr,
+    base_ptr,
+    expert_start_ptr,
+    expert_count_ptr,
+    block_expert_ptr,
+    num_chunks,
+    E,
+    num_blocks,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    total = tl.zeros((BLOCK_E,), tl.int32)
+    for c0 in range(0, num_chunks, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cnt = tl.load(counts_ptr + cs[:, None] * BLOCK_E + e[None, :], mask=cs[:, None] < num_chunks, other=0)
+        total += tl.sum(cnt, axis=0)
+    total = tl.where(e_ok, total, 0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pend = tl.cumsum(padded, 0)
+    pstart = pend - padded
+    tl.store(expert_start_ptr + e, pstart, mask=e_ok)
+    tl.store(expert_count_ptr + e, total, mask=e_ok)
+
+    # base[c, e] = start of e + slots of e in earlier chunks - slots of chunk c with expert < e,
+    # so that the slot at sorted position p of chunk c goes to row base[c, e] + p.
+    run = pstart
+    for c0 in range(0, num_chunks, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cs[:, None] < num_chunks
+        cnt = tl.load(counts_ptr + cs[:, None] * BLOCK_E + e[None, :], mask=c_ok, other=0)
+        before = run[None, :] + tl.cumsum(cnt, 0) - cnt
+        smaller = tl.cumsum(cnt, 1) - cnt
+        tl.store(base_ptr + cs[:, None] * BLOCK_E + e[None, :], before - smaller, mask=c_ok)
+        run += tl.sum(cnt, axis=0)
+
+    # The expert owning row b*BLOCK_M is the number of experts whose padded segment ends at
+    # or before it (segments are in expert order; empty experts have empty segments).
+    for b0 in range(0, num_blocks, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        pos = bs * BLOCK_M
+        ended = e_ok[None, :] & (pend[None, :] <= pos[:, None])
+        owner = tl.sum(ended.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + bs, tl.where(owner < E, owner, -1), mask=bs < num_blocks)
+
+
+@triton.jit
+def align_scatter_kernel(
+    ids_ptr, base_ptr, sorted_slots_ptr, numel, E, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    c = tl.program_id(0)
+    local = tl.arange(0, CHUNK)
+    ids = _load_ids(ids_ptr, c, numel, E, CHUNK)
+    key = tl.sort(ids * CHUNK + local)
+    expert = key // CHUNK
+    slot = c * CHUNK + key % CHUNK
+    ok = expert < E
+    dest = tl.load(base_ptr + c * BLOCK_E + expert, mask=ok, other=0) + local
+    tl.store(sorted_slots_ptr + dest, slot, mask=ok)

@@ -1,0 +1,108 @@
+"""Routing kernel: scores, selection bias, group-limited top-k and renormalisation in one launch.
+
+Shape letters: T tokens, E experts, K top-k. One program owns BLOCK_T token rows and all E
+expert columns (E <= BLOCK_E, a power of two), so every reduction stays in registers.
+"""
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def _exp(x, PRECISE: tl.constexpr):
+    # tl.exp lowers to ex2.approx (a few ulp off after the log2(e) product); the weights are
+    # float32 outputs compared to float32 torch, so the GPU uses libdevice's exp. The
+    # interpreter has no libdevice and numpy's exp is exact enough.
+    if PRECISE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def route_kernel(
+    logits_ptr,
+    bias_ptr,
+    weights_ptr,
+    ids_ptr,
+    T,
+    E,
+    stride_lt,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < E
+    raw = tl.load(
+        logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    neg_inf = float("-inf")
+    if SIGMOID:
+        scores = 1.0 / (1.0 + _exp(-raw, PRECISE))
+    else:
+        logits = tl.where(col_ok[None, :], raw, neg_inf)
+        row_max = tl.max(logits, axis=1)
+        p = _exp(logits - row_max[:, None], PRECISE)
+        scores = p / tl.sum(p, axis=1)[:, None]
+    scores = tl.where(col_ok[None, :], scores, 0.0)
+    sel = tl.where(col_ok[None, :], scores, neg_inf)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        sel = sel + bias[None, :]
+
+    if N_GROUP > 1:
+        # Group score: best expert of the group, or the sum of its best two with a bias
+        # (DeepSeek-V3), then only the TOPK_GROUP best groups stay eligible.
+        group = cols // GROUP_SIZE
+        gcols = tl.arange(0, BLOCK_G)
+        gscore = tl.full((BLOCK_T, BLOCK_G), neg_inf, tl.float32)
+        for g in tl.static_range(N_GROUP):
+            in_g = (group == g) & col_ok
+            v = tl.where(in_g[None, :], sel, neg_inf)
+            best = tl.max(v, axis=1)
+            if HAS_BIAS and GROUP_SIZE >= 2:
+                first = tl.min(tl.where(v == best[:, None], cols[None, :], BLOCK_E), axis=1)
+                second = tl.max(tl.where(cols[None, :] == first[:, None], neg_inf, v), axis=1)
+                best = best + second
+            gscore = tl.where(gcols[None, :] == g, best[:, None], gscore)
+        allowed = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)
+        for _ in tl.static_range(TOPK_GROUP):
+            gbest = tl.max(gscore, axis=1)
+            gidx = tl.min(tl.where(gscore == gbest[:, None], gcols[None, :], BLOCK_G), axis=1)
+            allowed = allowed | (group[None, :] == gidx[:, None]).to(tl.int32)
+            gscore = tl.where(gcols[None, :] == gidx[:, None], neg_inf, gscore)
+        sel = tl.where(allowed != 0, sel, neg_inf)
+
+    kcols = tl.arange(0, BLOCK_K)
+    out_w = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
+    out_i = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
+    for i in range(TOP_K):
+        best = tl.max(sel, axis=1)
+        idx = tl.min(tl.where(sel == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        hit = cols[None, :] == idx[:, None]
+        w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        out_w = tl.where(kcols[None, :] == i, w[:, None], out_w)
+        out_i = tl.where(kcols[None, :] == i, idx[:, None], out_i)
+        sel = tl.where(hit, neg_inf, sel)
+    if RENORMALIZE:
+        out_w = out_w / tl.sum(out_w, axis=1)[:, None]
+    offs = rows[:, None] * TOP_K + kcols[None, :]
+    mask = row_ok[:, None] & (kcols[None, :] < TOP_K)
+    tl.store(weights_ptr + offs, out_w, mask=mask)
+    tl.store(ids_ptr + offs, out_i, mask=mask)
