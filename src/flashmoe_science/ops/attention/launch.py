@@ -109,6 +109,11 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
     return None
 
 
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation (tests replace it with a NaN-filled one so unwritten elements fail)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -225,8 +230,8 @@ def attention_fwd(q, k, v, causal: bool, scale: float, **options) -> tuple[torch
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, s_q, _ = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((b, h, s_q), torch.float32, q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
@@ -269,8 +274,8 @@ def attention_varlen_fwd(
     t_q, h, _ = q.shape
     h_kv = k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((h, t_q), dtype=torch.float32, device=q.device)
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((h, t_q), torch.float32, q.device)
     if t_q == 0 or batch <= 0 or max_seqlen_q <= 0:
         return out.zero_(), lse.fill_(float("-inf"))
     if k.shape[0] == 0 or max_seqlen_k <= 0:
