@@ -1,0 +1,1 @@
+"""Benchmark cases as data, one module per family (``attention``, ``moe``)."""
