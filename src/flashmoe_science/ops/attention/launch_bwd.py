@@ -16,10 +16,12 @@ Strategy (kernels in ``kernels/bwd.py``):
      ``_DEFAULT_DQ_MODE``; ``FLASHMOE_ATTN_BWD_DQ=separate|atomic`` overrides it.
 
 Autotuning: each kernel is tuned per (head dim, causal, varlen, dtype) over the configs
-below (pruned by ``_prune_configs`` for the head dim). ``FLASHMOE_ATTN_BWD_TUNE=0`` keeps
-only the first config that fits (quick tests); ``FLASHMOE_ATTN_BWD_TUNE=<i>`` keeps the
-i-th one (used by ``benchmarks/attn_bwd_tune.py`` to compile configs in parallel). Under
-``TRITON_INTERPRET=1`` there is one fixed config (the interpreter cannot autotune).
+below, pruned for the head dim by ``_prune_configs_for_head_dim``. Without tuning
+(``_pinned_config``): ``FLASHMOE_ATTN_BWD_TUNE=0`` or the forward's
+``FLASHMOE_ATTN_AUTOTUNE=0`` run the first config that fits (quick tests);
+``FLASHMOE_ATTN_BWD_TUNE=<i>`` runs the i-th (``benchmarks/attn_bwd_tune.py`` compiles the
+configs in parallel that way). Under ``TRITON_INTERPRET=1`` one fixed config runs (the
+interpreter cannot autotune).
 """
 
 from __future__ import annotations
@@ -47,72 +49,80 @@ if interpreter_enabled():
     _DKDV_CONFIGS = [_cfg(32, 64, 4, 1)]
     _DQ_CONFIGS = [_cfg(64, 32, 4, 1)]
 else:
-    # (BLOCK_M, BLOCK_N, warps, stages). dK/dV keeps two (BLOCK_N, D) float32 accumulators
-    # in registers, so it prefers narrow Q tiles; dQ keeps one (BLOCK_M, D).
+    # (BLOCK_M, BLOCK_N, warps, stages); the first that fits is the untuned default.
+    # dK/dV keeps two (BLOCK_N, D) float32 accumulators in registers and streams
+    # (BLOCK_M, D) tiles of Q and dO, so it prefers narrow Q tiles; dQ keeps one (BLOCK_M, D).
     _DKDV_CONFIGS = [
         _cfg(64, 128, 8, 2),
         _cfg(32, 128, 4, 3),
-        _cfg(32, 128, 8, 3),
         _cfg(64, 128, 8, 3),
+        _cfg(32, 128, 8, 3),
         _cfg(64, 64, 4, 3),
         _cfg(128, 128, 8, 2),
-        _cfg(32, 64, 4, 3),
-        _cfg(16, 64, 4, 2),
+        _cfg(32, 64, 4, 2),
     ]
     _DQ_CONFIGS = [
         _cfg(128, 64, 8, 2),
         _cfg(128, 32, 4, 3),
         _cfg(128, 64, 8, 3),
-        _cfg(128, 128, 8, 2),
         _cfg(64, 64, 4, 3),
+        _cfg(128, 128, 8, 2),
         _cfg(64, 128, 8, 2),
         _cfg(64, 32, 4, 2),
     ]
 
 
 def _fits(cfg: triton.Config, block_d: int, rows_kept: int) -> bool:
-    """Register/shared-memory budget: the tile kept on chip (rows_kept x D) and the
-    streamed tiles must stay small for the large head dims."""
+    """Register budget. rows_kept 0: the program keeps (BLOCK_N, D) tiles (dK/dV), 1: a
+    (BLOCK_M, D) tile (dQ). Large head dims need small tiles and shallow pipelines."""
     m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     kept = n if rows_kept == 0 else m
     if block_d >= 256:
         return kept <= 64 and m * n <= 64 * 64 and cfg.num_stages <= 2
     if block_d >= 128:
-        return kept <= 128
+        return kept <= 128 and m * n <= 128 * 64
     return True
 
 
-def _make_pruner(rows_kept: int):
-    """rows_kept: 0 when the program keeps a BLOCK_N x D tile (dK/dV), 1 for BLOCK_M (dQ)."""
+def _prune_configs_for_head_dim(configs, named_args, **kwargs):
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    rows_kept = 0 if "DQ_ACC" in named_args else 1
+    return [c for c in configs if _fits(c, block_d, rows_kept)] or configs[-1:]
 
-    def _prune_configs(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        fitting = [c for c in configs if _fits(c, block_d, rows_kept)] or configs[-1:]
-        choice = os.environ.get("FLASHMOE_ATTN_BWD_TUNE", "").strip()
-        if choice == "0":
-            return fitting[:1]
-        if choice.isdigit():
-            i = int(choice)
-            return [configs[i]] if i < len(configs) else fitting[:1]
-        return fitting
 
-    return _prune_configs
+def _pinned_config(configs, block_d: int, rows_kept: int) -> triton.Config | None:
+    """The config to run without autotuning, or None to autotune.
+
+    ``FLASHMOE_ATTN_BWD_TUNE=0`` (or the forward's ``FLASHMOE_ATTN_AUTOTUNE=0``): the first
+    config that fits; ``FLASHMOE_ATTN_BWD_TUNE=<i>``: the i-th (if it fits). The interpreter
+    always runs its single config.
+    """
+    fitting = [c for c in configs if _fits(c, block_d, rows_kept)] or configs[-1:]
+    choice = os.environ.get("FLASHMOE_ATTN_BWD_TUNE", "").strip()
+    if interpreter_enabled() or choice == "0" or os.environ.get("FLASHMOE_ATTN_AUTOTUNE", "1").strip() == "0":
+        return fitting[0]
+    if choice.isdigit():
+        i = int(choice)
+        return configs[i] if i < len(configs) and configs[i] in fitting else fitting[0]
+    return None
 
 
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "IS_VARLEN"]
-_dkdv = triton.autotune(
-    configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _make_pruner(0)}
-)(_k._bwd_dkdv)
+_PRUNE = {"early_config_prune": _prune_configs_for_head_dim}
+_dkdv = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_k._bwd_dkdv)
 # The atomic variant accumulates into DQ_ACC, which must be zeroed before each tuning run.
 _dkdv_atomic = triton.autotune(
-    configs=_DKDV_CONFIGS,
-    key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _make_pruner(0)},
-    reset_to_zero=["DQ_ACC"],
+    configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DQ_ACC"]
 )(_k._bwd_dkdv)
-_dq = triton.autotune(
-    configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _make_pruner(1)}
-)(_k._bwd_dq)
+_dq = triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_k._bwd_dq)
+
+
+def _launch(tuned, rows_kept: int, grid, args, kwargs) -> None:
+    cfg = _pinned_config(tuned.configs, kwargs["BLOCK_D"], rows_kept)
+    if cfg is None:
+        tuned[grid](*args, **kwargs)
+    else:
+        tuned.fn[grid](*args, **kwargs, **cfg.all_kwargs())
 
 
 def deterministic_requested() -> bool:
@@ -183,14 +193,14 @@ def _run(do, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, 
     def grid_dkdv(meta):
         return (triton.cdiv(max_k, meta["BLOCK_N"]), batch * h_kv)
 
-    kernel[grid_dkdv](
+    args = (
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
         *_lse_strides(lse, varlen), *_lse_strides(delta, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), *dq_acc_strides,
         max_q, max_k, h_kv, group, scale,
-        DQ_ATOMIC=atomic, **common,
     )  # fmt: skip
+    _launch(kernel, 0, grid_dkdv, args, dict(DQ_ATOMIC=atomic, **common))
 
     if atomic:
         dq.copy_(dq_acc.mul_(scale))
@@ -199,13 +209,13 @@ def _run(do, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, 
     def grid_dq(meta):
         return (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h)
 
-    _dq[grid_dq](
+    args = (
         q, k, v, do, lse, delta, dq, cu_q, cu_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
         *_lse_strides(lse, varlen), *_lse_strides(delta, varlen), *_strides3(dq, varlen),
         max_q, max_k, h, group, scale,
-        **common,
     )  # fmt: skip
+    _launch(_dq, 1, grid_dq, args, common)
     return dq, dk, dv
 
 

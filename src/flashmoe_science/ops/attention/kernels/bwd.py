@@ -79,7 +79,7 @@ def _load_lse2(lse_ptrs, offs_m, seqlen_q):
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "H"])
 def _bwd_preprocess(
     O,
     DO,
@@ -203,7 +203,9 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+# Sequence lengths and head counts vary per call: not specialised, so one compiled kernel
+# serves every shape (strides stay specialised: their divisibility enables wide loads).
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "H_KV", "GROUP"])
 def _bwd_dkdv(
     Q,
     K,
@@ -401,7 +403,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "H", "GROUP"])
 def _bwd_dq(
     Q,
     K,
