@@ -200,7 +200,7 @@ def _err64(g, q, k, v, do, causal, scale, group):
     return [(a.double() - b).abs().max().item() for a, b in zip(mine, r)]
 
 
-def _bench_case(name, b, h, h_kv, s, d, causal, rows):
+def _bench_case(name, b, h, h_kv, s, d, causal, rows, fwd_bwd=True):
     """Tune, check and time one case; appends JSON rows, returns a table line."""
     from torch.nn.attention import SDPBackend
 
@@ -279,6 +279,8 @@ def _bench_case(name, b, h, h_kv, s, d, causal, rows):
                 print(f"{name} {impl} expand={expand}: {type(e).__name__}: {str(e)[:160]}", flush=True)
     os.environ["FLASHMOE_ATTN_AUTOTUNE"] = "0"  # the forward's untuned default config
     try:
+        if not fwd_bwd:
+            raise RuntimeError("skipped (--no-fwd-bwd)")
         leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
 
         def ours_fwd_bwd():
@@ -307,7 +309,7 @@ def _bench_case(name, b, h, h_kv, s, d, causal, rows):
     )
 
 
-def bench(out_dir: str, sha: str) -> None:
+def bench(out_dir: str, sha: str, fwd_bwd: bool = True) -> None:
     import triton
 
     dev = torch.cuda.get_device_name() if not DRY["on"] else "cpu (dry run)"
@@ -327,7 +329,7 @@ def bench(out_dir: str, sha: str) -> None:
     rows, table = [], []
     for case in CASES:
         try:
-            table.append(_bench_case(*case, rows))
+            table.append(_bench_case(*case, rows, fwd_bwd=fwd_bwd))
         except Exception as e:  # keep the other cases' numbers
             print(f"{case[0]}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         _sync()
@@ -357,6 +359,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--sha", default=os.environ.get("GIT_SHA", "unknown"))
+    p.add_argument("--no-fwd-bwd", action="store_true", help="skip the forward+backward timings")
     p.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes: checks this script")
     a = p.parse_args(argv)
     if a.dry_run:
@@ -368,7 +371,7 @@ def main(argv=None) -> int:
     if a.tiny:
         tiny()
     if a.bench:
-        bench(a.out, a.sha)
+        bench(a.out, a.sha, fwd_bwd=not a.no_fwd_bwd)
     return 0
 
 
