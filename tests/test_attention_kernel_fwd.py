@@ -71,22 +71,22 @@ def test_dense_fp16(b, h, h_kv, s_q, s_k, d, causal):
     _check(out, lse, q, k, v, causal, scale)
 
 
-@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
-@pytest.mark.parametrize("prefetch_qk", [False, True], ids=["plain", "prefetch-qk"])
+MODES = [pytest.param(0, id="pointers"), pytest.param(1, id="tma-device"), pytest.param(2, id="tma-host")]
+
+
+@pytest.mark.parametrize("use_tma", MODES)
 @pytest.mark.parametrize(
     "config",
     [(32, 16, 1, 4), (16, 32, 1, 4)],
     ids=["BM>BN", "BM<BN"],
 )
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_variants(use_tma, prefetch_qk, config, causal):
-    """Every kernel variant: TMA descriptors or pointers, hand-pipelined QK^T or not, diagonal
+def test_variants(use_tma, config, causal):
+    """Every load mode (pointers, per-program or host TMA descriptors), with the diagonal
     spanning several key blocks (BM > BN) or one key block wider than the query block."""
     q, k, v = _qkv(1, 4, 2, 45, 71, 32, torch.float16)
     scale = 0.3
-    out, lse = launch.attention_fwd(
-        q, k, v, causal, scale, config=config, use_tma=use_tma, prefetch_qk=prefetch_qk
-    )
+    out, lse = launch.attention_fwd(q, k, v, causal, scale, config=config, use_tma=use_tma)
     _check(out, lse, q, k, v, causal, scale)
 
 
@@ -103,7 +103,7 @@ def test_fp32_upcast_path():
     _check(out, lse, q, k, v, True, 0.2)
 
 
-@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("use_tma", MODES)
 def test_strided_bshd_view(use_tma):
     """q/k/v as transposed views of (B, S, H, D) tensors: no copy, strides honoured."""
     b, s, h, h_kv, d = 2, 35, 4, 2, 32
@@ -113,6 +113,21 @@ def test_strided_bshd_view(use_tma):
     assert not q.is_contiguous()
     out, lse = launch.attention_fwd(q, k, v, True, d**-0.5, use_tma=use_tma)
     assert out.is_contiguous()
+    _check(out, lse, q, k, v, True, d**-0.5)
+
+
+@pytest.mark.parametrize("use_tma", MODES)
+def test_kv_cache_view_with_nan_tail(use_tma):
+    """k/v are views of a larger, partly NaN cache (decoding): the rows past S_k that a
+    row-view descriptor can reach must not leak into the output."""
+    b, h, s_q, s_k, cap, d = 1, 2, 3, 37, 64, 32
+    cache_k = torch.full((b, h, cap, d), float("nan"), dtype=torch.float16)
+    cache_v = torch.full((b, h, cap, d), float("nan"), dtype=torch.float16)
+    cache_k[:, :, :s_k] = torch.randn(b, h, s_k, d, dtype=torch.float16)
+    cache_v[:, :, :s_k] = torch.randn(b, h, s_k, d, dtype=torch.float16)
+    k, v = cache_k[:, :, :s_k], cache_v[:, :, :s_k]
+    q = torch.randn(b, h, s_q, d, dtype=torch.float16)
+    out, lse = launch.attention_fwd(q, k, v, True, d**-0.5, use_tma=use_tma)
     _check(out, lse, q, k, v, True, d**-0.5)
 
 
@@ -134,7 +149,7 @@ def _varlen_case(lens_q, lens_k, h, h_kv, d, dtype):
     return q, k, v, cu_q, cu_k
 
 
-@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("use_tma", MODES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_varlen_with_empty_sequences(use_tma, causal):
     lens_q = [5, 0, 33, 1, 0, 17]

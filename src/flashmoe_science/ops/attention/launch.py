@@ -17,6 +17,7 @@ import os
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import interpreter_enabled
 from .kernels import fwd
@@ -24,22 +25,33 @@ from .kernels import fwd
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 _LOG2E = 1.4426950408889634
 
-# (BLOCK_M, BLOCK_N, num_stages, num_warps), best first (the first is the untuned default).
-# Measured on an H100 (docs/attention_fwd.md); the others are what the autotuner tries.
-_CANDIDATES: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    32: ((128, 64, 3, 4), (128, 128, 3, 8), (64, 64, 3, 4), (128, 64, 4, 8)),
-    64: ((128, 64, 3, 4), (128, 128, 3, 8), (64, 64, 3, 4), (128, 64, 4, 8)),
-    128: ((128, 128, 2, 8), (128, 64, 3, 8), (128, 128, 3, 8), (64, 64, 3, 4)),
-    256: ((128, 64, 2, 8), (64, 64, 2, 4), (64, 32, 3, 4)),
+# (BLOCK_M, BLOCK_N, num_stages, num_warps) per (padded head dim, causal, sequence class),
+# best first: the first is the untuned default, the rest is what the autotuner also tries.
+# Measured on an H100 (docs/attention_fwd.md). Causal prefers BLOCK_M 64: the diagonal
+# blocks are a smaller share of the work and the grid has more programs to balance.
+_Cfg = tuple[int, int, int, int]
+_LONG: dict[tuple[int, bool], tuple[_Cfg, ...]] = {
+    (32, False): ((128, 64, 3, 8), (64, 64, 3, 4), (128, 64, 3, 4)),
+    (32, True): ((64, 64, 3, 4), (128, 64, 3, 8), (64, 64, 4, 4)),
+    (64, False): ((128, 64, 3, 8), (64, 64, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4)),
+    (64, True): ((64, 64, 3, 4), (128, 64, 3, 8), (64, 64, 4, 4)),
+    (128, False): ((128, 128, 3, 8), (128, 64, 3, 8), (64, 64, 3, 4), (128, 128, 2, 8)),
+    (128, True): ((64, 64, 3, 4), (128, 64, 3, 8), (128, 128, 3, 8), (64, 64, 4, 4)),
+    (256, False): ((128, 64, 2, 8), (64, 64, 2, 4), (64, 32, 3, 4)),
+    (256, True): ((64, 64, 2, 4), (128, 64, 2, 8), (64, 32, 3, 4)),
 }
-# Short sequences: smaller query blocks give more programs to fill 132 SMs.
-_SHORT_CANDIDATES: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    32: ((64, 64, 3, 4), (128, 64, 3, 4)),
-    64: ((64, 64, 3, 4), (128, 64, 3, 4)),
-    128: ((64, 64, 3, 4), (128, 64, 3, 8), (128, 128, 2, 8)),
-    256: ((64, 64, 2, 4), (64, 32, 3, 4)),
+# Sequences <= 1k: small query blocks give more programs to fill 132 SMs.
+_SHORT: dict[tuple[int, bool], tuple[_Cfg, ...]] = {
+    (32, False): ((64, 64, 3, 4), (64, 32, 3, 4), (128, 64, 3, 8)),
+    (32, True): ((64, 64, 3, 4), (64, 32, 3, 4)),
+    (64, False): ((64, 64, 3, 4), (64, 32, 3, 4), (128, 64, 3, 8)),
+    (64, True): ((64, 64, 3, 4), (64, 32, 3, 4)),
+    (128, False): ((64, 64, 3, 4), (128, 64, 3, 8), (64, 32, 3, 4), (128, 128, 3, 8)),
+    (128, True): ((64, 64, 3, 4), (64, 32, 3, 4), (128, 64, 3, 8)),
+    (256, False): ((64, 64, 2, 4), (64, 32, 3, 4), (128, 64, 2, 8)),
+    (256, True): ((64, 64, 2, 4), (64, 32, 3, 4)),
 }
-_INTERPRETER_CONFIG = (32, 16, 1, 4)
+_INTERPRETER_CONFIG: _Cfg = (32, 16, 1, 4)
 
 
 def _head_dim_pad(d: int) -> int:
@@ -52,24 +64,33 @@ def _seq_bucket(max_seqlen_q: int, max_seqlen_k: int) -> int:
     return 0 if n <= 1024 else (1 if n <= 4096 else 2)
 
 
-def _candidates(head_dim_pad: int, bucket: int) -> tuple[tuple[int, int, int, int], ...]:
-    return (_SHORT_CANDIDATES if bucket == 0 else _CANDIDATES)[head_dim_pad]
+def _candidates(head_dim_pad: int, causal: bool, bucket: int) -> tuple[_Cfg, ...]:
+    return (_SHORT if bucket == 0 else _LONG)[(head_dim_pad, bool(causal))]
+
+
+def _set_block_shapes(nargs) -> None:
+    """Autotune pre-hook: host descriptors' block shapes follow the config being tried."""
+    if isinstance(nargs["Q_desc"], TensorDescriptor):
+        bm, bn, dp = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM_PAD"]
+        nargs["Q_desc"].block_shape = [bm, dp]
+        nargs["K_desc"].block_shape = [bn, dp]
+        nargs["V_desc"].block_shape = [bn, dp]
 
 
 def _all_configs() -> list[triton.Config]:
-    seen, out = set(), []
-    for table in (_CANDIDATES, _SHORT_CANDIDATES):
+    seen: list[_Cfg] = []
+    for table in (_LONG, _SHORT):
         for cands in table.values():
-            for bm, bn, st, nw in cands:
-                if (bm, bn, st, nw) not in seen:
-                    seen.add((bm, bn, st, nw))
-                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=st, num_warps=nw))
-    return out
+            seen.extend(c for c in cands if c not in seen)
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=st, num_warps=nw, pre_hook=_set_block_shapes)
+        for bm, bn, st, nw in seen
+    ]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the candidates listed for this head dim and sequence-length class."""
-    wanted = set(_candidates(kwargs["HEAD_DIM_PAD"], kwargs["SEQ_BUCKET"]))
+    """Keep the candidates listed for this head dim, mask and sequence-length class."""
+    wanted = _candidates(kwargs["HEAD_DIM_PAD"], kwargs["CAUSAL"], kwargs["SEQ_BUCKET"])
     kept = [
         c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps) in wanted
     ]
@@ -78,7 +99,7 @@ def _prune(configs, named_args, **kwargs):
 
 _tuned_kernel = triton.autotune(
     configs=_all_configs(),
-    key=["HEAD_DIM_PAD", "CAUSAL", "VARLEN", "USE_TMA", "PREFETCH_QK", "SEQ_BUCKET"],
+    key=["HEAD_DIM_PAD", "CAUSAL", "VARLEN", "USE_TMA", "SEQ_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
     cache_results=True,
 )(fwd.attn_fwd_kernel)
@@ -86,12 +107,6 @@ _tuned_kernel = triton.autotune(
 
 def _autotune_enabled() -> bool:
     return os.environ.get("FLASHMOE_ATTN_AUTOTUNE", "1").strip() not in ("0", "false", "")
-
-
-# Measured choices (docs/attention_fwd.md): whether TMA descriptors and the hand-pipelined
-# QK^T pay on the H100.
-_DEFAULT_USE_TMA = True
-_DEFAULT_PREFETCH_QK = False
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -141,81 +156,78 @@ def _ensure_allocator() -> None:
         triton.set_allocator(alloc)
 
 
+def _rows_of_row_view(t: torch.Tensor, row_stride: int) -> int | None:
+    """Rows of a 2-D (rows, D) view with stride ``row_stride`` that covers ``t``, when every
+    leading stride of ``t`` is a whole number of rows (contiguous (B, H, S, D) is); else None."""
+    if row_stride <= 0 or any(st % row_stride for st in t.stride()[:-1]):
+        return None
+    return sum((n - 1) * st for n, st in zip(t.shape[:-1], t.stride()[:-1])) // row_stride + 1
+
+
+def _pick_mode(requested, q, k, v, out, row_strides) -> int:
+    """0 pointers, 1 per-program descriptors, 2 host descriptors over a row view (see fwd)."""
+    if requested is None:
+        on_hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+        requested = _DEFAULT_MODE if (on_hopper or interpreter_enabled()) else 0
+    requested = int(requested)
+    if requested == 0 or not _tma_ok(q, k, v, out):
+        return 0
+    host_ok = q.shape[-1] == _head_dim_pad(q.shape[-1]) and all(
+        _rows_of_row_view(t, rs) is not None for t, rs in zip((q, k, v), row_strides)
+    )
+    return 2 if (requested == 2 and host_ok) else 1
+
+
+# Measured on the H100 (docs/attention_fwd.md): host descriptors where the layout allows,
+# per-program descriptors otherwise.
+_DEFAULT_MODE = 2
+
+
 def _launch(
-    q,
-    k,
-    v,
-    out,
-    lse,
-    cu_q,
-    cu_k,
-    strides_q,
-    strides_k,
-    strides_v,
-    strides_o,
-    strides_lse,
-    batch,
-    heads,
-    group,
-    seqlen_q,
-    seqlen_k,
-    scale,
-    causal,
-    varlen,
-    config=None,
-    use_tma=None,
-    prefetch_qk=None,
-):
+    q, k, v, out, lse, cu_q, cu_k, strides_q, strides_k, strides_v, strides_o, strides_lse,
+    batch, heads, group, seqlen_q, seqlen_k, scale, causal, varlen, config=None, use_tma=None,
+):  # fmt: skip
     d = q.shape[-1]
     d_pad = _head_dim_pad(d)
     interp = interpreter_enabled() and not q.is_cuda
-    if use_tma is None:
-        use_tma = _DEFAULT_USE_TMA and (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9)
-    use_tma = bool(use_tma) and _tma_ok(q, k, v, out)
-    if prefetch_qk is None:
-        prefetch_qk = _DEFAULT_PREFETCH_QK
-    if use_tma and q.is_cuda:
+    row_strides = (strides_q[2], strides_k[2], strides_v[2])
+    mode = _pick_mode(use_tma, q, k, v, out, row_strides)
+    if mode == 1 and q.is_cuda:
         _ensure_allocator()
     bucket = _seq_bucket(seqlen_q, seqlen_k)
+    if config is None and (interp or not _autotune_enabled()):
+        config = _INTERPRETER_CONFIG if interp else _candidates(d_pad, causal, bucket)[0]
+    if mode == 2:
+        # Block shapes are set here for a fixed config, by the autotune pre-hook otherwise.
+        bm, bn = (config[0], config[1]) if config is not None else (16, 16)
+        descs = tuple(
+            TensorDescriptor(t, [_rows_of_row_view(t, rs), d], [rs, 1], [blk, d_pad])
+            for t, rs, blk in zip((q, k, v), row_strides, (bm, bn, bn))
+        )
+    else:
+        descs = (q, k, v)  # unused by the kernel
     args = (
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_q,
-        cu_k,
-        *strides_q,
-        *strides_k,
-        *strides_v,
-        *strides_o,
-        *strides_lse,
-        heads,
-        group,
-        seqlen_q,
-        seqlen_k,
-        scale * _LOG2E,
-    )
+        q, k, v, out, lse, *descs, cu_q, cu_k,
+        *strides_q, *strides_k, *strides_v, *strides_o, *strides_lse,
+        heads, group, seqlen_q, seqlen_k, scale * _LOG2E,
+    )  # fmt: skip
     consts = dict(
         HEAD_DIM=d,
         HEAD_DIM_PAD=d_pad,
         CAUSAL=bool(causal),
         VARLEN=bool(varlen),
-        USE_TMA=use_tma,
+        USE_TMA=mode,
         # Triton's interpreter gets bfloat16 arithmetic wrong: compute in float32 there.
         UPCAST=bool(interp and q.dtype != torch.float16) or q.dtype == torch.float32,
-        PREFETCH_QK=bool(prefetch_qk),
         SEQ_BUCKET=bucket,
     )
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]) * batch * heads,)
 
-    if config is None and not interp and _autotune_enabled():
+    if config is None:
         _tuned_kernel[grid](*args, **consts)
         return
-    if config is None:
-        config = _INTERPRETER_CONFIG if interp else _candidates(d_pad, bucket)[0]
     bm, bn, stages, warps = config
     fwd.attn_fwd_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_stages=stages, num_warps=warps)
 
@@ -224,8 +236,8 @@ def attention_fwd(q, k, v, causal: bool, scale: float, **options) -> tuple[torch
     """Dense forward. q (B, H, S_q, D); k, v (B, H_kv, S_k, D), any strides with a contiguous
     last dim. Returns out (B, H, S_q, D) contiguous in q's dtype and lse float32 (B, H, S_q).
 
-    ``options`` (config=(BLOCK_M, BLOCK_N, stages, warps), use_tma, prefetch_qk) are for
-    tests and tuning scripts; the library never passes them.
+    ``options`` (config=(BLOCK_M, BLOCK_N, stages, warps), use_tma=0|1|2 as in ``kernels.fwd``)
+    are for tests and tuning scripts; the library never passes them.
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, s_q, _ = q.shape

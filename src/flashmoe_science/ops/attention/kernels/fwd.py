@@ -14,9 +14,14 @@ aligned: row i sees key j <= i + S_k - S_q) the key blocks split into
 and blocks no row can see are never visited. Without ``CAUSAL`` only a ragged last key block
 (S_k not a multiple of BLOCK_N) is masked. Rows that see no key produce out = 0, lse = -inf.
 
-``USE_TMA`` loads through tensor descriptors built per program (Hopper's bulk tensor copy
-engine; out-of-range rows and the padded head-dim columns are zero-filled by the hardware);
-otherwise plain masked pointer loads. ``UPCAST`` computes in float32 (Triton's interpreter
+``USE_TMA`` picks how tiles are loaded (Hopper's bulk tensor copy engine, TMA, or not):
+  0  masked pointer loads (any layout);
+  1  tensor descriptors built per program over this (batch, head)'s rows: any strides that
+     TMA accepts, varlen too; out-of-range rows and padded head-dim columns are zero-filled;
+  2  descriptors built once on the host over a 2-D row view of the whole tensor (needs the
+     batch and head strides to be multiples of the row stride, e.g. contiguous (B, H, S, D));
+     rows past this head's end belong to the next head: masked like a ragged key block for
+     K/V, never stored for Q (the output uses masked pointer stores). ``UPCAST`` computes in float32 (Triton's interpreter
 gets bfloat16 arithmetic wrong). Grids and configs live in ``launch``; nothing here knows them.
 """
 
@@ -30,6 +35,7 @@ import triton.language as tl
 def _load_kv(
     desc,
     ptrs,
+    row0,
     start_n,
     offs_n,
     offs_d,
@@ -40,9 +46,10 @@ def _load_kv(
     MASK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    """Load a (BLOCK_N, D_PAD) tile of K or V starting at key row ``start_n``."""
-    if USE_TMA:
-        tile = desc.load([start_n, 0])
+    """Load a (BLOCK_N, D_PAD) tile of K or V starting at key row ``start_n`` (descriptor row
+    ``row0 + start_n``)."""
+    if USE_TMA > 0:
+        tile = desc.load([row0 + start_n, 0])
     else:
         p = ptrs + tl.cast(start_n, tl.int64) * stride_s
         if MASK_N:
@@ -103,220 +110,51 @@ def _softmax_update(
 
 @triton.jit
 def _attn_fwd_blocks(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_desc,
-    v_desc,
-    k_ptrs,
-    v_ptrs,
-    lo,
-    hi,
-    offs_m,
-    offs_n,
-    offs_d,
-    seqlen_k,
-    diag,
-    qk_scale,
-    stride_ks,
-    stride_vs,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PREFETCH_QK: tl.constexpr,
-):
+    acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, k_row0, v_row0, lo, hi,
+    offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, stride_ks, stride_vs,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     """Visit key blocks [lo, hi) (multiples of BLOCK_N)."""
-    if PREFETCH_QK and not MASKED:
-        # Software-pipelined by hand: the QK^T product of block j+1 is issued before the
-        # softmax of block j, so the tensor cores can run it while the softmax runs.
-        if hi > lo:
-            k = _load_kv(
-                k_desc,
-                k_ptrs,
-                lo,
-                offs_n,
-                offs_d,
-                seqlen_k,
-                stride_ks,
-                HEAD_DIM,
-                HEAD_DIM_PAD,
-                False,
-                USE_TMA,
-            )
-            if UPCAST:
-                k = k.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k))
-            for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
-                start_n = tl.multiple_of(start_n, BLOCK_N)
-                k = _load_kv(
-                    k_desc,
-                    k_ptrs,
-                    start_n + BLOCK_N,
-                    offs_n,
-                    offs_d,
-                    seqlen_k,
-                    stride_ks,
-                    HEAD_DIM,
-                    HEAD_DIM_PAD,
-                    False,
-                    USE_TMA,
-                )
-                if UPCAST:
-                    k = k.to(tl.float32)
-                qk_next = tl.dot(q, tl.trans(k))
-                v = _load_kv(
-                    v_desc,
-                    v_ptrs,
-                    start_n,
-                    offs_n,
-                    offs_d,
-                    seqlen_k,
-                    stride_vs,
-                    HEAD_DIM,
-                    HEAD_DIM_PAD,
-                    False,
-                    USE_TMA,
-                )
-                if UPCAST:
-                    v = v.to(tl.float32)
-                acc, l_i, m_i = _softmax_update(
-                    acc,
-                    l_i,
-                    m_i,
-                    qk,
-                    v,
-                    start_n,
-                    offs_m,
-                    offs_n,
-                    seqlen_k,
-                    diag,
-                    qk_scale,
-                    False,
-                    CAUSAL,
-                    UPCAST,
-                )
-                qk = qk_next
-            last = hi - BLOCK_N
-            v = _load_kv(
-                v_desc,
-                v_ptrs,
-                last,
-                offs_n,
-                offs_d,
-                seqlen_k,
-                stride_vs,
-                HEAD_DIM,
-                HEAD_DIM_PAD,
-                False,
-                USE_TMA,
-            )
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc, l_i, m_i = _softmax_update(
-                acc, l_i, m_i, qk, v, last, offs_m, offs_n, seqlen_k, diag, qk_scale, False, CAUSAL, UPCAST
-            )
-    else:
-        for start_n in range(lo, hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            k = _load_kv(
-                k_desc,
-                k_ptrs,
-                start_n,
-                offs_n,
-                offs_d,
-                seqlen_k,
-                stride_ks,
-                HEAD_DIM,
-                HEAD_DIM_PAD,
-                MASKED,
-                USE_TMA,
-            )
-            if UPCAST:
-                k = k.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k))
-            v = _load_kv(
-                v_desc,
-                v_ptrs,
-                start_n,
-                offs_n,
-                offs_d,
-                seqlen_k,
-                stride_vs,
-                HEAD_DIM,
-                HEAD_DIM_PAD,
-                MASKED,
-                USE_TMA,
-            )
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc, l_i, m_i = _softmax_update(
-                acc,
-                l_i,
-                m_i,
-                qk,
-                v,
-                start_n,
-                offs_m,
-                offs_n,
-                seqlen_k,
-                diag,
-                qk_scale,
-                MASKED,
-                CAUSAL,
-                UPCAST,
-            )
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = _load_kv(k_desc, k_ptrs, k_row0, start_n, offs_n, offs_d, seqlen_k, stride_ks,
+                     HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)  # fmt: skip
+        if UPCAST:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k))
+        v = _load_kv(v_desc, v_ptrs, v_row0, start_n, offs_n, offs_d, seqlen_k, stride_vs,
+                     HEAD_DIM, HEAD_DIM_PAD, MASKED, USE_TMA)  # fmt: skip
+        if USE_TMA == 2 and MASKED:
+            # Rows past this head's keys come from a neighbour (or, for a strided view, from
+            # memory that may hold NaN); their p is 0, but 0 * NaN is not: zero them.
+            v = tl.where(((start_n + offs_n) < seqlen_k)[:, None], v, 0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, qk, v, start_n, offs_m, offs_n, seqlen_k, diag,
+                                        qk_scale, MASKED, CAUSAL, UPCAST)  # fmt: skip
     return acc, l_i, m_i
 
 
 @triton.jit
 def attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_lb,
-    stride_lh,
-    H,
-    GROUP,
-    seqlen_q,
-    seqlen_k,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    VARLEN: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PREFETCH_QK: tl.constexpr,
+    Q, K, V, Out, Lse, Q_desc, K_desc, V_desc, cu_seqlens_q, cu_seqlens_k,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    H, GROUP, seqlen_q, seqlen_k, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
     SEQ_BUCKET: tl.constexpr,
-):
+):  # fmt: skip
     """Grid: (cdiv(S_q, BLOCK_M) * B * H,), query blocks fastest so that the programs of one
     head run together and share its K/V in L2 (a 1-D grid: B * H may exceed 65535 for varlen
     batches of many small structures). Dense: S_q/S_k are the arguments and the cu_seqlens
     pointers are unused. Varlen: ``seqlen_q`` is max S_q, sequence b is rows cu[b]:cu[b+1] and
-    the batch strides are 0 (the token offset carries the position)."""
+    the batch strides are 0 (the token offset carries the position). ``*_desc`` are host
+    descriptors with USE_TMA == 2, else unused."""
     tl.static_assert(HEAD_DIM <= HEAD_DIM_PAD)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
     # SEQ_BUCKET only keys the autotuner (configs per sequence-length class).
@@ -353,40 +191,38 @@ def attn_fwd_kernel(
     if m0 >= seqlen_q:
         return
 
-    q_base = Q + q_off
-    k_base = K + k_off
-    v_base = V + v_off
-    o_base = Out + o_off
-
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-
-    if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(
-            q_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD]
-        )
-        k_desc = tl.make_tensor_descriptor(
-            k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD]
-        )
-        v_desc = tl.make_tensor_descriptor(
-            v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM_PAD]
-        )
+    k_ptrs = K
+    v_ptrs = V
+    k_row0 = 0
+    v_row0 = 0
+    if USE_TMA == 2:
+        # Row index of this head's first row in the 2-D row view.
+        k_row0 = (k_off // stride_ks).to(tl.int32)
+        v_row0 = (v_off // stride_vs).to(tl.int32)
+        k_desc = K_desc
+        v_desc = V_desc
+        q = Q_desc.load([(q_off // stride_qs).to(tl.int32) + m0, 0])
+    elif USE_TMA == 1:
+        q_desc = tl.make_tensor_descriptor(Q + q_off, shape=[seqlen_q, HEAD_DIM], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM_PAD])  # fmt: skip
+        k_desc = tl.make_tensor_descriptor(K + k_off, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM_PAD])  # fmt: skip
+        v_desc = tl.make_tensor_descriptor(V + v_off, shape=[seqlen_k, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM_PAD])  # fmt: skip
         q = q_desc.load([m0, 0])
-        k_ptrs = K
-        v_ptrs = V
     else:
-        q_desc = Q
         k_desc = K
         v_desc = V
         q_mask = offs_m[:, None] < seqlen_q
         if HEAD_DIM != HEAD_DIM_PAD:
             q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(
-            q_base + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=q_mask, other=0.0
-        )
-        k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+        q = tl.load(Q + q_off + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=q_mask,
+                    other=0.0)  # fmt: skip
+        k_ptrs = K + k_off + offs_n[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = V + v_off + offs_n[:, None] * stride_vs + offs_d[None, :]
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -409,61 +245,15 @@ def attn_fwd_kernel(
     n_end = tl.maximum(n_end, n_unmasked)
 
     acc, l_i, m_i = _attn_fwd_blocks(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_desc,
-        v_desc,
-        k_ptrs,
-        v_ptrs,
-        0,
-        n_unmasked,
-        offs_m,
-        offs_n,
-        offs_d,
-        seqlen_k,
-        diag,
-        qk_scale,
-        stride_ks,
-        stride_vs,
-        HEAD_DIM,
-        HEAD_DIM_PAD,
-        BLOCK_N,
-        False,
-        CAUSAL,
-        USE_TMA,
-        UPCAST,
-        PREFETCH_QK,
-    )
+        acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, k_row0, v_row0, 0, n_unmasked,
+        offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, stride_ks, stride_vs,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, CAUSAL, USE_TMA, UPCAST,
+    )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_blocks(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_desc,
-        v_desc,
-        k_ptrs,
-        v_ptrs,
-        n_unmasked,
-        n_end,
-        offs_m,
-        offs_n,
-        offs_d,
-        seqlen_k,
-        diag,
-        qk_scale,
-        stride_ks,
-        stride_vs,
-        HEAD_DIM,
-        HEAD_DIM_PAD,
-        BLOCK_N,
-        True,
-        CAUSAL,
-        USE_TMA,
-        UPCAST,
-        PREFETCH_QK,
-    )
+        acc, l_i, m_i, q, k_desc, v_desc, k_ptrs, v_ptrs, k_row0, v_row0, n_unmasked, n_end,
+        offs_m, offs_n, offs_d, seqlen_k, diag, qk_scale, stride_ks, stride_vs,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, CAUSAL, USE_TMA, UPCAST,
+    )  # fmt: skip
 
     # Epilogue. Rows that saw no key have l_i = 0 and acc = 0: out 0, lse -inf.
     seen = l_i > 0.0
@@ -471,16 +261,14 @@ def attn_fwd_kernel(
     out = acc * inv_l[:, None]
     LN2: tl.constexpr = 0.6931471805599453
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    lse_ptrs = Lse + lse_off + offs_m
-    tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+    tl.store(Lse + lse_off + offs_m, lse, mask=offs_m < seqlen_q)
     out = out.to(Out.dtype.element_ty)
-    if USE_TMA:
-        o_desc = tl.make_tensor_descriptor(
-            o_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, HEAD_DIM_PAD]
-        )
+    if USE_TMA == 1:
+        o_desc = tl.make_tensor_descriptor(Out + o_off, shape=[seqlen_q, HEAD_DIM], strides=[stride_os, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM_PAD])  # fmt: skip
         o_desc.store([m0, 0], out)
     else:
         o_mask = offs_m[:, None] < seqlen_q
         if HEAD_DIM != HEAD_DIM_PAD:
             o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
-        tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :], out, mask=o_mask)
+        tl.store(Out + o_off + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :], out, mask=o_mask)
