@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..cases.attention import REFERENCE_PEAK_SCORES, AttentionCase, memory_budget, score_bytes
-from ..harness import Built, Data, Unavailable, Unsupported
+from ..harness import Built, Data, Unavailable, Unsupported, op_kind
 from ._common import forced_backend, wrap_op
 
 IMPLS = ("flashmoe", "sdpa_flash", "sdpa_cudnn", "flex", "reference")
@@ -45,7 +45,7 @@ def _library(backend: str, case: AttentionCase):
     return forward
 
 
-def _sdpa(backend_name: str, case: AttentionCase, data: Data):
+def _sdpa(backend_name: str, op: str, case: AttentionCase, data: Data):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -60,13 +60,18 @@ def _sdpa(backend_name: str, case: AttentionCase, data: Data):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(s["q"], s["k"], s["v"], **kwargs)
 
-    # Probe once: SDPA refuses unsupported inputs with "No available kernel" and explains
-    # why in warnings; record that reason instead of a bare failure.
+    # Probe once (with the backward for the backward ops): SDPA refuses unsupported inputs
+    # with "No available kernel" and explains why in warnings; record that reason instead
+    # of a bare failure.
     s = data.sets[0]
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    grad = op_kind(op) != "fwd"
+    with warnings.catch_warnings(record=True) as caught, torch.set_grad_enabled(grad):
         warnings.simplefilter("always")
         try:
-            forward({k: s[k].detach() for k in _LEAVES})
+            probe = {k: s[k].detach().requires_grad_(grad) for k in _LEAVES}
+            out = forward(probe)
+            if grad:
+                out.backward(s["do"])
         except RuntimeError as exc:
             if not any(m in str(exc) for m in ("No available kernel", "No viable backend")):
                 raise
@@ -79,6 +84,12 @@ def _sdpa(backend_name: str, case: AttentionCase, data: Data):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # One compiled graph per (shape, mask, grad mode): a full suite exceeds dynamo's default
+    # recompile limit (8), past which flex would silently run eager (materialised scores).
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -120,9 +131,9 @@ def build(impl: str, op: str, case: AttentionCase, data: Data) -> Built:
             )
         forward = _library("reference", case)
     elif impl == "sdpa_flash":
-        forward = _sdpa("FLASH_ATTENTION", case, data)
+        forward = _sdpa("FLASH_ATTENTION", op, case, data)
     elif impl == "sdpa_cudnn":
-        forward = _sdpa("CUDNN_ATTENTION", case, data)
+        forward = _sdpa("CUDNN_ATTENTION", op, case, data)
     elif impl == "flex":
         forward = _flex(case, data)
     else:

@@ -1,0 +1,254 @@
+"""Expert-parallel MoE throughput: tokens/s vs EP degree, with NCCL (or gloo on CPU).
+
+Launch with torchrun, one process per GPU; every EP degree in ``--ep-sizes`` (each must
+divide the world size) is measured in the same launch, the world split into
+``world / ep`` data-parallel replicas of an EP group (``new_ep_dp_groups``)::
+
+    torchrun --standalone --nproc_per_node=8 benchmarks/ep_bench.py --ep-sizes 1,2,4,8
+
+Weak scaling: every rank holds ``--tokens-per-rank`` tokens, so throughput is
+``world * tokens_per_rank / step_time`` with the step time the slowest rank's (wall clock
+between barriers, ``--iters`` steps averaged, after ``--warmup``). ``ep = 1`` is the dense
+layer on every GPU (all experts local, no all-to-all) — the baseline the EP degrees are
+compared with. Before timing, each EP layer's output is checked against the dense
+``FlashMoELayer`` with the same (gathered) weights on the same tokens.
+
+NVLink multicast (NVLS) is switched off below, before torch is imported: the lent
+multi-GPU machines require it (see the device notes), and it keeps numbers comparable.
+
+Rows (rank 0 writes one JSON file, DESIGN.md's results shape): ``op`` is ``moe_ep_fwd``
+(forward under no_grad) or ``moe_ep_fwd_bwd`` (forward + backward with the aux loss);
+``impl`` ``flashmoe_ep``; ``case`` carries ``tokens`` (per rank), ``hidden``, ``ffn``,
+``experts``, ``top_k``, ``dtype``, ``ep_size``, ``world_size``; each row also has ``ms``,
+``tokens_per_s`` (global), ``tokens_per_s_per_gpu``, ``max_over_mean_load`` (the busiest
+EP rank's rows over the mean, averaged over the steps) and ``status``.
+
+CPU smoke test (gloo; numbers meaningless, checks that the script runs)::
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/ep_bench.py --device cpu \\
+        --tokens-per-rank 64 --hidden 32 --ffn 16 --experts 4 --top-k 2 --iters 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import os
+
+# NVLink multicast off (before torch / NCCL are imported or initialised).
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+import argparse  # noqa: E402
+import datetime as _dt  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from flashmoe_science.distributed import ExpertParallelMoE, new_ep_dp_groups  # noqa: E402
+from flashmoe_science.nn import FlashMoELayer  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CHECK_TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 2e-3}  # relative L2 error vs dense
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ep-sizes", default=None, help="comma list; default 1 and every power of 2 up to world")
+    p.add_argument("--tokens-per-rank", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(CHECK_TOL))
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--ops", default="moe_ep_fwd,moe_ep_fwd_bwd")
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/ep_<date>_w<world>.json)"
+    )
+    p.add_argument("--no-save", action="store_true")
+    return p.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call on the slowest rank."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    elapsed = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64, device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
+def _meta(args, world: int) -> dict:
+    def git_sha() -> str | None:
+        try:
+            return subprocess.check_output(
+                ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
+            ).strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = args.device == "cuda"
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "world_size": world,
+        "backend": dist.get_backend(),
+        "date": _dt.date.today().isoformat(),
+        "command": "torchrun --nproc_per_node={} {}".format(world, " ".join(sys.argv)),
+        "git_sha": git_sha(),
+        "env": {
+            k: os.environ[k]
+            for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+        },
+    }
+
+
+def _bench_ep(args, ep_size: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ep_group, _ = new_ep_dp_groups(ep_size)  # collective: every rank, every EP size
+    torch.manual_seed(0)  # the same dense weights on every rank
+    dense = FlashMoELayer(args.hidden, args.experts, args.top_k, args.ffn, device=device, dtype=dtype)
+    layer = ExpertParallelMoE.from_dense(dense, ep_group)
+    gen = torch.Generator(device=device).manual_seed(1000 + rank)
+    x = torch.randn(args.tokens_per_rank, args.hidden, device=device, dtype=dtype, generator=gen)
+    g = torch.randn(x.shape, device=device, dtype=dtype, generator=gen)
+    case = {
+        "tokens": args.tokens_per_rank,
+        "hidden": args.hidden,
+        "ffn": args.ffn,
+        "experts": args.experts,
+        "top_k": args.top_k,
+        "dtype": args.dtype,
+        "ep_size": ep_size,
+        "world_size": world,
+    }
+
+    # Check once against the dense layer (same weights, same tokens; routing is per token).
+    with torch.no_grad():
+        y = layer(x).float()
+        ref = dense(x).float()
+    err = torch.tensor([(y - ref).norm().item() / max(ref.norm().item(), 1e-30)], device=device)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)
+    del dense, ref, y
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    ok = bool(torch.isfinite(err).all()) and float(err) <= CHECK_TOL[args.dtype]
+
+    loads = []
+
+    def fwd():
+        with torch.no_grad():
+            layer(x)
+        loads.append(layer.last_tokens_per_rank)
+
+    def fwd_bwd():
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        ((y * g).sum() + layer.aux_loss).backward()
+        loads.append(layer.last_tokens_per_rank)
+
+    rows = []
+    for op, fn in (("moe_ep_fwd", fwd), ("moe_ep_fwd_bwd", fwd_bwd)):
+        if op not in args.ops.split(","):
+            continue
+        row = {"op": op, "impl": "flashmoe_ep", "case": case, "check_rel_err": float(err)}
+        if not ok:
+            row.update(status="failed", ms=None, note=f"relative L2 error {float(err):.3e} vs dense layer")
+            rows.append(row)
+            continue
+        loads.clear()
+        sec = _time(fn, args.iters, args.warmup, device)
+        imbalance = torch.stack([ld.double().max() / ld.double().mean() for ld in loads]).mean().item()
+        row.update(
+            status="ok",
+            ms=sec * 1e3,
+            tokens_per_s=world * args.tokens_per_rank / sec,
+            tokens_per_s_per_gpu=args.tokens_per_rank / sec,
+            max_over_mean_load=imbalance,
+        )
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    device_type = args.device
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group(backend, device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group(backend)
+        if args.dtype != "float32":
+            args.dtype = "float32"  # CPU: reference path, float32
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dtype = getattr(torch, args.dtype)
+    if args.ep_sizes:
+        ep_sizes = [int(s) for s in args.ep_sizes.split(",")]
+    else:
+        ep_sizes = [e for e in (1, 2, 4, 8, 16, 32, 64) if e <= world and world % e == 0]
+    bad = [e for e in ep_sizes if world % e or args.experts % e]
+    if bad:
+        raise SystemExit(f"EP sizes {bad} must divide the world size {world} and --experts {args.experts}")
+
+    rows = []
+    for ep in ep_sizes:
+        rows += _bench_ep(args, ep, device, dtype)
+    if rank == 0:
+        header = f"{'op':<16}{'ep':>4}{'ms':>10}{'Mtok/s':>10}{'Mtok/s/gpu':>12}{'load max/mean':>15}  status"
+        lines = [header]
+        for r in rows:
+            ms = f"{r['ms']:.3f}" if r.get("ms") else "-"
+            tps = f"{r['tokens_per_s'] / 1e6:.3f}" if r.get("tokens_per_s") else "-"
+            tpg = f"{r['tokens_per_s_per_gpu'] / 1e6:.3f}" if r.get("tokens_per_s_per_gpu") else "-"
+            imb = f"{r['max_over_mean_load']:.2f}" if r.get("max_over_mean_load") else "-"
+            lines.append(
+                f"{r['op']:<16}{r['case']['ep_size']:>4}{ms:>10}{tps:>10}{tpg:>12}{imb:>15}  {r['status']}"
+            )
+        sys.stdout.write("\n".join(lines) + "\n")
+        if not args.no_save:
+            out = (
+                Path(args.out)
+                if args.out
+                else RESULTS_DIR / (f"ep_{_dt.datetime.now().strftime('%Y%m%d_%H%M%S')}_w{world}.json")
+            )
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"meta": _meta(args, world), "rows": rows}, indent=1) + "\n")
+            sys.stdout.write(f"wrote {out}\n")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
