@@ -106,11 +106,20 @@ def _check_case(
     skew_to: int | None = None,
     ep_size: int | None = None,
     fsdp: bool = False,
+    dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
+    hidden: int = H,
+    ffn: int = F,
 ) -> None:
     """``tokens[r]``: local tokens of rank r. ``skew_to``: the sigmoid router's selection
-    bias sends every token to that EP rank's experts. ``ep_size`` < world: EP x DP."""
+    bias sends every token to that EP rank's experts. ``ep_size`` < world: EP x DP.
+    ``backend``: FLASHMOE_BACKEND for the expert-parallel layer only (the dense ``p`` runs
+    the reference path)."""
     ep_size = ep_size or world
-    tag = f"[rank {rank}, E={experts}, K={top_k}, T={tokens}, {scoring}, ep={ep_size}, fsdp={fsdp}]"
+    tag = (
+        f"[rank {rank}, E={experts}, K={top_k}, T={tokens}, {scoring}, ep={ep_size}, fsdp={fsdp}, "
+        f"{dtype}, backend={backend}]"
+    )
     if ep_size == world:
         ep_group, dp_group = None, None
     else:
@@ -118,10 +127,10 @@ def _check_case(
     el = experts // ep_size
     torch.manual_seed(1234)  # same dense weights and data on every rank
     dense = FlashMoELayer(
-        H,
+        hidden,
         experts,
         top_k,
-        F,
+        ffn,
         scoring=scoring,
         num_shared_experts=shared,
         aux_loss_coef=AUX_COEF,
@@ -129,10 +138,11 @@ def _check_case(
     )
     if skew_to is not None:
         dense.expert_bias[skew_to * el : (skew_to + 1) * el] = 50.0
+    dense = dense.to(dtype)
     dense64 = copy.deepcopy(dense).double()
     total = sum(tokens)
-    x_all = torch.randn(total, H)
-    g_all = torch.randn(total, H)
+    x_all = torch.randn(total, hidden).to(dtype)
+    g_all = torch.randn(total, hidden).to(dtype)
     starts = [sum(tokens[:r]) for r in range(world)]
 
     def rows(r):
@@ -159,8 +169,19 @@ def _check_case(
         # Router and shared experts sharded by FSDP2; the EP experts left to the EP group.
         fully_shard(ep, mesh=init_device_mesh("cpu", (world,)), ignored_params=set(ep.expert_parameters()))
     x = x_all[rows(rank)].clone().requires_grad_()
-    y = ep(x)
-    ((y * g_all[rows(rank)]).sum() + ep.aux_loss).backward()
+    saved = os.environ.get("FLASHMOE_BACKEND")
+    if backend is not None:
+        os.environ["FLASHMOE_BACKEND"] = backend
+    try:
+        y = ep(x)
+        ((y * g_all[rows(rank)]).sum() + ep.aux_loss).backward()
+    finally:
+        if saved is None:
+            os.environ.pop("FLASHMOE_BACKEND", None)
+        else:
+            os.environ["FLASHMOE_BACKEND"] = saved
+    if backend == "triton":
+        assert "flashmoe_science.ops.moe.launch" in sys.modules, f"{tag} the Triton launchers never ran"
 
     # Outputs, routing and the load-balance counters.
     off = sum(tokens[r] for r in range(replica * ep_size, rank))
@@ -185,13 +206,21 @@ def _check_case(
             grad = grad.full_tensor() * world
         elif name in ("w_gate_up", "w_down"):
             if dp_group is not None:
-                dist.all_reduce(grad, group=dp_group)
+                grad = _sum(grad, dp_group)
             grad = all_gather_rows(grad, ep_group)
         else:
-            dist.all_reduce(grad)
+            grad = _sum(grad, None)
         ref_p = sum(ref[name] for ref in refs_p)
         ref_r = sum(ref[name] for ref in refs_r)
         assert_close_rule(grad, ref_r, ref_p, grad=True, name=f"{tag} d{name}")
+
+
+def _sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum over ranks in float64, rounded once to t's dtype (the test's reduction adds
+    no error of its own beyond that rounding)."""
+    s = t.double()
+    dist.all_reduce(s, group=group)
+    return s.to(t.dtype)
 
 
 def _case_dense_roundtrip(rank: int, world: int) -> None:
@@ -219,6 +248,10 @@ _CASES = {
         lambda r, w: _check_case(r, w, experts=2, top_k=2, tokens=[3, 4], ep_size=1),
         # FSDP2 shards router + shared experts, EP holds the experts
         lambda r, w: _check_case(r, w, experts=4, top_k=2, tokens=[4, 3], shared=1, fsdp=True),
+        # float16 through the Triton kernels (interpreter on CPU): the CUDA path's code
+        lambda r, w: _check_case(
+            r, w, experts=4, top_k=2, tokens=[5, 2], dtype=torch.float16, backend="triton", ffn=16
+        ),
     ],
     "world4": [
         # uneven, one rank without tokens, K=E_l
