@@ -31,37 +31,31 @@ SWEEP_CASES = [
     ("d128-4k-causal", 4, 16, 16, 4096, 128, True),
     ("d64-4k-full", 4, 16, 16, 4096, 64, False),
     ("d64-4k-causal", 4, 16, 16, 4096, 64, True),
+    ("d128-1k-full", 16, 16, 16, 1024, 128, False),
+    ("d128-1k-causal", 16, 16, 16, 1024, 128, True),
 ]
 SWEEP_CONFIGS = {
-    128: [
-        (128, 128, 2, 8),
-        (128, 128, 3, 8),
-        (128, 64, 2, 8),
-        (128, 64, 3, 8),
-        (64, 128, 3, 4),
-        (64, 64, 3, 4),
-        (256, 64, 2, 8),
-    ],
-    64: [
-        (128, 64, 3, 4),
-        (128, 64, 3, 8),
-        (128, 128, 2, 8),
-        (128, 128, 3, 8),
-        (64, 64, 3, 4),
-        (256, 64, 3, 8),
-    ],
+    ("d128", False): [(128, 128, 3, 8), (128, 64, 3, 8), (64, 64, 3, 4), (128, 128, 2, 8), (128, 64, 4, 8)],
+    ("d128", True): [(64, 64, 3, 4), (128, 64, 3, 8), (128, 128, 3, 8), (64, 64, 4, 4), (64, 128, 2, 4)],
+    ("d64", False): [(128, 64, 3, 8), (64, 64, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4), (128, 128, 3, 8)],
+    ("d64", True): [(64, 64, 3, 4), (128, 64, 3, 8), (64, 64, 4, 4), (64, 32, 3, 4), (128, 64, 3, 4)],
 }
-VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # (use_tma, prefetch_qk)
+MODES = (0, 1, 2)  # pointers, per-program descriptors, host descriptors (kernels/fwd.py)
+
+
+def sweep_configs(name, causal):
+    return SWEEP_CONFIGS[(name.split("-")[0], causal)]
+
 
 PEER_CASES = [  # (B, H, H_kv, S, D, causal)
     *[(16384 // s, 16, 16, s, 128, c) for c in (False, True) for s in (512, 1024, 2048, 4096, 8192, 16384)],
-    (4, 16, 16, 4096, 64, False),
-    (4, 16, 16, 4096, 64, True),
+    (4, 32, 32, 4096, 64, False),
+    (4, 32, 32, 4096, 64, True),
     (4, 32, 8, 4096, 128, True),  # GQA 32:8
-    (8, 16, 16, 2048, 32, True),
-    (8, 16, 16, 2048, 96, True),
-    (8, 16, 16, 2048, 256, True),
-    (8, 16, 16, 2048, 256, False),
+    (4, 16, 16, 4096, 32, True),
+    (4, 16, 16, 4096, 96, True),
+    (4, 16, 16, 4096, 256, True),
+    (4, 16, 16, 4096, 256, False),
 ]
 
 
@@ -104,14 +98,14 @@ def bench(fn, warmup=3, rep=10):
 
 
 def _precompile_job(job):
-    """job = ((B, H, H_kv, S_q, S_k, D, causal), config, use_tma, prefetch_qk); None = default."""
+    """job = ((B, H, H_kv, S_q, S_k, D, causal), config, mode); None = default."""
     from flashmoe_science.ops.attention import launch
 
-    (b, h, h_kv, s_q, s_k, d, causal), cfg, tma, pf = job
+    (b, h, h_kv, s_q, s_k, d, causal), cfg, mode = job
     q, k, v = make(b, h, h_kv, s_q, s_k, d)
     t = time.time()
     try:
-        launch.attention_fwd(q, k, v, causal, d**-0.5, config=cfg, use_tma=tma, prefetch_qk=pf)
+        launch.attention_fwd(q, k, v, causal, d**-0.5, config=cfg, use_tma=mode)
         torch.cuda.synchronize()
         return (job, None, time.time() - t)
     except Exception as exc:  # report and go on: e.g. out of shared memory for this config
@@ -121,18 +115,18 @@ def _precompile_job(job):
 def all_jobs(phases):
     jobs = []
     if "sweep" in phases:
-        for _, b, h, h_kv, s, d, causal in SWEEP_CASES:
-            for cfg in SWEEP_CONFIGS[d]:
-                for tma, pf in VARIANTS:
-                    jobs.append(((b, h, h_kv, s, s, d, causal), cfg, tma, pf))
+        for name, b, h, h_kv, s, d, causal in SWEEP_CASES:
+            for cfg in sweep_configs(name, causal):
+                for mode in MODES:
+                    jobs.append(((b, h, h_kv, s, s, d, causal), cfg, mode))
     if "check" in phases:
         for b, h, h_kv, s_q, s_k, d in CHECK_CASES:
             for causal in (False, True):
-                for tma, pf in VARIANTS:
-                    jobs.append(((b, h, h_kv, s_q, s_k, d, causal), None, tma, pf))
+                for mode in MODES:
+                    jobs.append(((b, h, h_kv, s_q, s_k, d, causal), None, mode))
     if "peers" in phases and os.environ.get("FLASHMOE_ATTN_AUTOTUNE", "1") == "0":
         for b, h, h_kv, s, d, causal in PEER_CASES:
-            jobs.append(((b, h, h_kv, s, s, d, causal), None, None, None))
+            jobs.append(((b, h, h_kv, s, s, d, causal), None, None))
     # Longest compiles first (big head dims), so the pool's tail is short.
     jobs.sort(key=lambda j: -j[0][5])
     return jobs
@@ -159,12 +153,12 @@ def phase_check():
     rows = []
     for b, h, h_kv, s_q, s_k, d in CHECK_CASES:
         for causal in (False, True):
-            for tma, pf in VARIANTS:
+            for mode in MODES:
                 q, k, v = make(b, h, h_kv, s_q, s_k, d, seed=b * 7 + s_q + d + int(causal))
                 launch._empty = lambda shape, dtype, device: torch.full(
                     shape, float("nan"), dtype=dtype, device=device
                 )
-                out, lse = launch.attention_fwd(q, k, v, causal, d**-0.5, use_tma=tma, prefetch_qk=pf)
+                out, lse = launch.attention_fwd(q, k, v, causal, d**-0.5, use_tma=mode)
                 r_out, r_lse = reference.attention_ref(q, k, v, causal, d**-0.5, compute_dtype=torch.float64)
                 p_out, _ = reference.attention_ref(q, k, v, causal, d**-0.5, compute_dtype=torch.bfloat16)
                 fin = torch.isfinite(r_lse)
@@ -182,7 +176,7 @@ def phase_check():
                 rows.append(ok)
                 if not ok:
                     print(
-                        f"[check] FAIL b{b} h{h}/{h_kv} {s_q}x{s_k} d{d} causal={causal} tma={tma} pf={pf}: "
+                        f"[check] FAIL b{b} h{h}/{h_kv} {s_q}x{s_k} d{d} causal={causal} mode={mode}: "
                         f"err {err:.3e} base {base:.3e} floor {floor:.3e} lse {lse_err:.2e} inf_ok {inf_ok}"
                     )
     launch._empty = lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)
@@ -199,40 +193,28 @@ def phase_sweep(failed):
         q, k, v = make(b, h, h_kv, s, s, d)
         f = flops(b, h, s, s, d, causal)
         best = None
-        for cfg in SWEEP_CONFIGS[d]:
+        for cfg in sweep_configs(name, causal):
             line = []
-            for tma, pf in VARIANTS:
-                if ((b, h, h_kv, s, s, d, causal), cfg, tma, pf) in failed:
+            for mode in MODES:
+                if ((b, h, h_kv, s, s, d, causal), cfg, mode) in failed:
                     line.append("   fail")
                     continue
+                fn = functools.partial(
+                    launch.attention_fwd, q, k, v, causal, d**-0.5, config=cfg, use_tma=mode
+                )
                 try:
-                    ms = bench(
-                        functools.partial(
-                            launch.attention_fwd,
-                            q,
-                            k,
-                            v,
-                            causal,
-                            d**-0.5,
-                            config=cfg,
-                            use_tma=tma,
-                            prefetch_qk=pf,
-                        )
-                    )
+                    ms = bench(fn)
                 except Exception as exc:
                     line.append("    err")
-                    print("   err", name, cfg, tma, pf, str(exc)[:120])
+                    print("   err", name, cfg, mode, str(exc)[:120])
                     continue
                 tf = f / ms / 1e9
-                res.append(
-                    {"case": name, "config": cfg, "use_tma": tma, "prefetch_qk": pf, "ms": ms, "tflops": tf}
-                )
+                res.append({"case": name, "config": cfg, "mode": mode, "ms": ms, "tflops": tf})
                 line.append(f"{tf:7.1f}")
                 if best is None or tf > best[0]:
-                    best = (tf, cfg, tma, pf)
+                    best = (round(tf, 1), cfg, mode)
             print(
-                f"[sweep] {name:15s} {str(cfg):18s} ptr {line[0]} tma {line[1]} "
-                f"ptr+pf {line[2]} tma+pf {line[3]}",
+                f"[sweep] {name:15s} {str(cfg):18s} ptr {line[0]} tma-dev {line[1]} tma-host {line[2]}",
                 flush=True,
             )
         print(f"[sweep] BEST {name}: {best}", flush=True)

@@ -62,7 +62,10 @@ def test_dense(dtype, d, causal):
         _check_dense(q, k, v, causal, out, lse)
 
 
-@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
+MODES = [pytest.param(0, id="pointers"), pytest.param(1, id="tma-device"), pytest.param(2, id="tma-host")]
+
+
+@pytest.mark.parametrize("use_tma", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_strided_bshd_views(dtype, use_tma):
     b, s, h, h_kv, d = 2, 777, 8, 2, 128
@@ -73,15 +76,27 @@ def test_strided_bshd_views(dtype, use_tma):
     _check_dense(q, k, v, True, out, lse)
 
 
-@pytest.mark.parametrize("prefetch_qk", [False, True], ids=["plain", "prefetch-qk"])
-@pytest.mark.parametrize("use_tma", [False, True], ids=["pointers", "tma"])
-def test_variants(use_tma, prefetch_qk):
+@pytest.mark.parametrize("use_tma", MODES)
+def test_load_modes(use_tma):
     q = torch.randn(2, 8, 700, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 2, 900, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(2, 2, 900, 128, device="cuda", dtype=torch.bfloat16)
     for causal in (False, True):
-        out, lse = launch.attention_fwd(q, k, v, causal, 128**-0.5, use_tma=use_tma, prefetch_qk=prefetch_qk)
+        out, lse = launch.attention_fwd(q, k, v, causal, 128**-0.5, use_tma=use_tma)
         _check_dense(q, k, v, causal, out, lse)
+
+
+@pytest.mark.parametrize("use_tma", MODES)
+def test_kv_cache_view_with_nan_tail(use_tma):
+    """k/v are views of a larger cache whose unused rows are NaN (decoding)."""
+    cache_k = torch.full((2, 4, 1024, 64), float("nan"), device="cuda", dtype=torch.bfloat16)
+    cache_v = torch.full((2, 4, 1024, 64), float("nan"), device="cuda", dtype=torch.bfloat16)
+    cache_k[:, :, :333] = torch.randn(2, 4, 333, 64, device="cuda", dtype=torch.bfloat16)
+    cache_v[:, :, :333] = torch.randn(2, 4, 333, 64, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, 4, 5, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = cache_k[:, :, :333], cache_v[:, :, :333]
+    out, lse = launch.attention_fwd(q, k, v, True, 0.125, use_tma=use_tma)
+    _check_dense(q, k, v, True, out, lse)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -99,12 +99,13 @@ def _softmax_update(
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if UPCAST:
         acc = tl.dot(p, v, acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
+    # The row sum after the PV product is issued: it runs while the (async) MMA does.
+    l_i = l_i * alpha + tl.sum(p, 1)
     return acc, l_i, m_new
 
 

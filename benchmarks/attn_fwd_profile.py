@@ -1,0 +1,61 @@
+"""Small attention-forward launches for compute-sanitizer, and one launch for Nsight Compute.
+
+PYTHONPATH=src python3 -m benchmarks.attn_fwd_profile sanitize  # every load mode, dense + varlen
+PYTHONPATH=src python3 -m benchmarks.attn_fwd_profile ncu       # one B4 H16 S4k D128 full launch
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from flashmoe_science.ops.attention import launch, reference
+
+
+def _dense(b, h, h_kv, s_q, s_k, d, causal, mode):
+    q = torch.randn(b, h, s_q, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, h_kv, s_k, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, h_kv, s_k, d, device="cuda", dtype=torch.bfloat16)
+    out, lse = launch.attention_fwd(q, k, v, causal, d**-0.5, use_tma=mode)
+    ref, _ = reference.attention_ref(q, k, v, causal, d**-0.5)
+    return (out.float() - ref.float()).abs().max().item()
+
+
+def _varlen(lens_q, lens_k, h, h_kv, d, causal, mode):
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lens_q), h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(lens_k), h_kv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(sum(lens_k), h_kv, d, device="cuda", dtype=torch.bfloat16)
+    out, _ = launch.attention_varlen_fwd(
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal, d**-0.5, use_tma=mode
+    )
+    ref, _ = reference.attention_varlen_ref(q, k, v, cu_q, cu_k, causal, d**-0.5)
+    return (out.float() - ref.float()).abs().max().item()
+
+
+def sanitize() -> None:
+    errs = []
+    for mode in (0, 1, 2):
+        errs.append(_dense(1, 4, 2, 100, 130, 64, True, mode))
+        errs.append(_dense(1, 4, 2, 130, 100, 128, True, mode))
+        errs.append(_dense(2, 2, 2, 70, 70, 128, False, mode))
+        errs.append(_varlen([5, 0, 70, 33], [5, 9, 70, 0], 4, 2, 64, True, mode))
+    errs.append(_dense(1, 2, 2, 70, 70, 96, True, None))
+    errs.append(_dense(1, 2, 1, 70, 90, 256, True, None))
+    errs.append(_dense(1, 2, 1, 70, 90, 32, False, None))
+    torch.cuda.synchronize()
+    print(f"sanitize script: {len(errs)} launches, max |out - ref| = {max(errs):.3e}")
+
+
+def ncu() -> None:
+    q = torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    launch.attention_fwd(q, k, v, False, 128**-0.5)
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    {"sanitize": sanitize, "ncu": ncu}[sys.argv[1]]()
