@@ -146,7 +146,7 @@ class Alignment:
         self.num_rows = num_blocks * block_m
 
 
-def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int | None = None) -> Alignment:
     ids = topk_ids.reshape(-1)
     if ids.dtype != torch.int32:
         ids = ids.to(torch.int32)
@@ -154,7 +154,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
     dev = ids.device
     # Worst case: every non-empty expert (at most min(E, T*K)) leaves one partial block.
     num_blocks = triton.cdiv(numel, block_m) + min(num_experts, numel)
-    chunk = min(2048, max(16, triton.next_power_of_2(numel)))
+    chunk = chunk or min(2048, max(16, triton.next_power_of_2(numel)))
     num_chunks = triton.cdiv(numel, chunk)
     block_e = triton.next_power_of_2(num_experts + 1)  # + the spare bin for invalid ids
     counts = torch.empty((num_chunks, block_e), device=dev, dtype=torch.int32)

@@ -2,6 +2,8 @@
 
 Shape letters: T tokens, E experts, K top-k. One program owns BLOCK_T token rows and all E
 expert columns (E <= BLOCK_E, a power of two), so every reduction stays in registers.
+The math is float64 (T*E exps, negligible next to the expert GEMMs): the float32 weights
+are then the correctly rounded values, never an ulp or two away from torch's float32 route.
 """
 
 import triton
@@ -11,9 +13,8 @@ from triton.language.extra import libdevice
 
 @triton.jit
 def _exp(x, PRECISE: tl.constexpr):
-    # tl.exp lowers to ex2.approx (a few ulp off after the log2(e) product); the weights are
-    # float32 outputs compared to float32 torch, so the GPU uses libdevice's exp. The
-    # interpreter has no libdevice and numpy's exp is exact enough.
+    # tl.exp lowers to ex2.approx on the GPU; libdevice's exp is the accurate one. The
+    # interpreter has no libdevice, and numpy's exp is accurate.
     if PRECISE:
         return libdevice.exp(x)
     else:
@@ -51,7 +52,7 @@ def route_kernel(
         logits_ptr + rows[:, None].to(tl.int64) * stride_lt + cols[None, :],
         mask=row_ok[:, None] & col_ok[None, :],
         other=0.0,
-    ).to(tl.float32)
+    ).to(tl.float64)
     neg_inf = float("-inf")
     if SIGMOID:
         scores = 1.0 / (1.0 + _exp(-raw, PRECISE))
@@ -60,10 +61,10 @@ def route_kernel(
         row_max = tl.max(logits, axis=1)
         p = _exp(logits - row_max[:, None], PRECISE)
         scores = p / tl.sum(p, axis=1)[:, None]
-    scores = tl.where(col_ok[None, :], scores, 0.0)
+    scores = tl.where(col_ok[None, :], scores, 0.0).to(tl.float64)
     sel = tl.where(col_ok[None, :], scores, neg_inf)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float64)
         sel = sel + bias[None, :]
 
     if N_GROUP > 1:
@@ -71,7 +72,7 @@ def route_kernel(
         # (DeepSeek-V3), then only the TOPK_GROUP best groups stay eligible.
         group = cols // GROUP_SIZE
         gcols = tl.arange(0, BLOCK_G)
-        gscore = tl.full((BLOCK_T, BLOCK_G), neg_inf, tl.float32)
+        gscore = tl.full((BLOCK_T, BLOCK_G), neg_inf, tl.float64)
         for g in tl.static_range(N_GROUP):
             in_g = (group == g) & col_ok
             v = tl.where(in_g[None, :], sel, neg_inf)
@@ -90,7 +91,7 @@ def route_kernel(
         sel = tl.where(allowed != 0, sel, neg_inf)
 
     kcols = tl.arange(0, BLOCK_K)
-    out_w = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
+    out_w = tl.zeros((BLOCK_T, BLOCK_K), tl.float64)
     out_i = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
     for i in range(TOP_K):
         best = tl.max(sel, axis=1)
@@ -104,5 +105,5 @@ def route_kernel(
         out_w = out_w / tl.sum(out_w, axis=1)[:, None]
     offs = rows[:, None] * TOP_K + kcols[None, :]
     mask = row_ok[:, None] & (kcols[None, :] < TOP_K)
-    tl.store(weights_ptr + offs, out_w, mask=mask)
+    tl.store(weights_ptr + offs, out_w.to(tl.float32), mask=mask)
     tl.store(ids_ptr + offs, out_i, mask=mask)

@@ -1,0 +1,210 @@
+"""Triton MoE kernels under TRITON_INTERPRET=1 (CPU) vs the float64 reference (DESIGN.md rule).
+
+Shape letters: T tokens, H hidden, E experts, K top-k, F ffn. Kernels run through the public
+API with FLASHMOE_BACKEND=triton (CPU tensors then go to the interpreter), plus direct calls
+of ``launch.align`` for its invariants. float16 here; bfloat16 only on the GPU (the
+interpreter computes bf16 wrong).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _numerics import assert_close_rule
+
+from flashmoe_science._backend import interpreter_enabled
+from flashmoe_science.ops.moe import fused_experts, fused_moe, route
+from flashmoe_science.ops.moe import reference as ref
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(
+        not interpreter_enabled() and not torch.cuda.is_available(),
+        reason="needs TRITON_INTERPRET=1 or a GPU",
+    ),
+]
+
+H, F = 32, 64
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FLASHMOE_BACKEND", "triton")
+    monkeypatch.setenv("FLASHMOE_MOE_AUTOTUNE", "0")
+
+
+def _weights(e, h=H, f=F, dtype=torch.float16):
+    w1 = torch.randn(e, 2 * f, h) / h**0.5
+    w2 = torch.randn(e, h, f) / f**0.5
+    return w1.to(dtype), w2.to(dtype)
+
+
+def _random_ids(t, e, k, experts=None):
+    """Distinct ids per row drawn from ``experts`` (default all): ragged counts."""
+    pool = torch.arange(e) if experts is None else torch.tensor(experts)
+    rows = [pool[torch.randperm(len(pool))[:k]] for _ in range(t)]
+    return torch.stack(rows).to(torch.int32)
+
+
+# ------------------------------------------------------------------ routing
+def _distinct_logits(t, e, dtype):
+    """Random logits with no ties within a row, also after rounding to float16 (ties make
+    the top-k choice ambiguous; the kernel must match route_ref only without them)."""
+    spaced = torch.stack([torch.randperm(e) for _ in range(t)]).float() * (4.0 / e) - 2.0
+    return (spaced + torch.rand(t, e) * (1.0 / e)).to(dtype)
+
+
+ROUTE_CASES = [
+    # (T, E, K, scoring, renormalize, with_bias, n_group, topk_group)
+    pytest.param(1, 8, 2, "softmax", True, False, None, None, id="T=1"),
+    pytest.param(50, 8, 1, "softmax", False, False, None, None, id="K=1-no-renorm"),
+    pytest.param(33, 64, 8, "softmax", True, False, None, None, id="E=64-K=8"),
+    pytest.param(17, 6, 6, "softmax", True, False, None, None, id="K=E-non-pow2-E"),
+    pytest.param(40, 16, 4, "sigmoid", True, False, None, None, id="sigmoid"),
+    pytest.param(40, 16, 4, "sigmoid", True, True, None, None, id="sigmoid-bias"),
+    pytest.param(40, 32, 4, "sigmoid", True, True, 8, 3, id="deepseek-v3-groups-bias"),
+    pytest.param(40, 32, 6, "softmax", False, False, 4, 2, id="groups-max-score"),
+    pytest.param(25, 8, 2, "sigmoid", True, True, 8, 4, id="group-size-1"),
+]
+
+
+@pytest.mark.parametrize("t,e,k,scoring,renorm,with_bias,n_group,topk_group", ROUTE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_route_matches_reference(
+    triton_backend, t, e, k, scoring, renorm, with_bias, n_group, topk_group, dtype
+):
+    logits = _distinct_logits(t, e, dtype)
+    bias = torch.randn(e) * 0.1 if with_bias else None
+    kw = dict(scoring=scoring, renormalize=renorm, bias=bias, n_group=n_group, topk_group=topk_group)
+    w, ids = route(logits, k, **kw)
+    w_ref, ids_ref = ref.route_ref(logits, k, **kw)
+    w64, ids64 = ref.route_ref(logits.double(), k, **{**kw, "bias": None if bias is None else bias.double()})
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    torch.testing.assert_close(ids, ids64, rtol=0, atol=0)
+    assert_close_rule(w, w64, w_ref, name="topk_weights")
+
+
+# ------------------------------------------------------------------ alignment
+ALIGN_CASES = [
+    pytest.param(1, 4, 2, None, id="T=1"),
+    pytest.param(37, 8, 3, None, id="ragged"),
+    pytest.param(64, 64, 8, None, id="E=64-K=8"),
+    pytest.param(30, 16, 2, [3, 9], id="empty-experts"),
+    pytest.param(45, 8, 1, [5], id="all-to-one"),
+    pytest.param(100, 8, 4, None, id="several-chunks"),
+]
+
+
+@pytest.mark.parametrize("t,e,k,experts", ALIGN_CASES)
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_align_invariants(t, e, k, experts, block_m):
+    from flashmoe_science.ops.moe import launch
+
+    ids = _random_ids(t, e, k, experts)
+    al = launch.align(ids, e, block_m, chunk=64)  # 64-slot chunks: several chunks at small T
+    flat = ids.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=e)
+    torch.testing.assert_close(al.expert_count.long(), counts, rtol=0, atol=0)
+    assert int(al.expert_count.sum()) == t * k  # offsets sum to T*K
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded
+    torch.testing.assert_close(al.expert_start.long(), starts, rtol=0, atol=0)
+    gathered = []
+    for ex in range(e):
+        seg = al.sorted_slots[starts[ex] : starts[ex] + counts[ex]].long()
+        # Each segment holds exactly the slots routed to ex, in slot order (deterministic).
+        torch.testing.assert_close(seg, (flat == ex).nonzero().flatten(), rtol=0, atol=0)
+        gathered.append(seg)
+    # Scatter and gather invert: the valid rows are a permutation of the T*K slots.
+    perm = torch.cat(gathered)
+    assert torch.equal(torch.sort(perm).values, torch.arange(t * k))
+    used = int(padded.sum()) // block_m
+    expect = torch.full((al.num_blocks,), -1, dtype=torch.long)
+    expect[:used] = torch.repeat_interleave(torch.arange(e), padded // block_m)
+    torch.testing.assert_close(al.block_expert.long(), expect, rtol=0, atol=0)
+    assert al.num_blocks * block_m >= int(padded.sum())
+
+
+# ------------------------------------------------------------------ experts forward + backward
+EXPERT_CASES = [
+    # (T, E, K, experts allowed (None = all), activation)
+    pytest.param(1, 4, 2, None, "silu", id="T=1"),
+    pytest.param(37, 8, 3, None, "silu", id="ragged-K=3"),
+    pytest.param(12, 64, 8, None, "silu", id="E=64-K=8-empty-experts"),
+    pytest.param(20, 6, 6, None, "silu", id="K=E"),
+    pytest.param(33, 16, 2, [2, 11, 12], "silu", id="mostly-empty-experts"),
+    pytest.param(40, 8, 1, [5], "silu", id="all-to-one-K=1"),
+    pytest.param(29, 8, 5, None, "gelu", id="gelu-K=5"),
+    pytest.param(24, 8, 7, None, "silu", id="K=7"),
+    pytest.param(24, 8, 4, None, "silu", id="K=4"),
+]
+
+
+def _experts_ref_grads(x, w1, w2, tw, ids, dy, activation, dtype):
+    """Gradients of the reference: float64 and in the input dtype (the rule's r and p)."""
+    outs = []
+    for cd, cast in ((torch.float64, torch.float64), (dtype, dtype)):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (x, w1, w2)]
+        twl = tw.detach().to(torch.float64 if cast == torch.float64 else torch.float32).requires_grad_()
+        y = ref.fused_experts_ref(*leaves, twl, ids, activation=activation, compute_dtype=cd)
+        y.backward(dy.to(cast))
+        outs.append((y, *[t.grad for t in leaves], twl.grad))
+    return outs
+
+
+@pytest.mark.parametrize("t,e,k,experts,activation", EXPERT_CASES)
+def test_fused_experts_fwd_bwd(triton_backend, t, e, k, experts, activation):
+    dtype = torch.float16
+    x = torch.randn(t, H).to(dtype)
+    w1, w2 = _weights(e)
+    ids = _random_ids(t, e, k, experts)
+    tw = torch.rand(t, k) + 0.1
+    dy = torch.randn(t, H).to(dtype)
+    leaves = [v.clone().requires_grad_() for v in (x, w1, w2, tw)]
+    y = fused_experts(*leaves, ids, activation=activation)
+    y.backward(dy)
+    (y64, *g64), (yp, *gp) = _experts_ref_grads(x, w1, w2, tw, ids, dy, activation, dtype)
+    assert_close_rule(y, y64, yp, name="y")
+    for name, leaf, r, p in zip(("dx", "dw_gate_up", "dw_down", "d_topk_weights"), leaves, g64, gp):
+        assert_close_rule(leaf.grad, r, p, grad=True, name=name)
+
+
+def test_all_tokens_one_expert_duplicate_ids(triton_backend):
+    """K=2 with both slots of every token on the same expert (valid input of fused_experts)."""
+    t, e, k = 30, 8, 2
+    x = torch.randn(t, H).half()
+    w1, w2 = _weights(e)
+    ids = torch.full((t, k), 6, dtype=torch.int32)
+    tw = torch.rand(t, k) + 0.1
+    dy = torch.randn(t, H).half()
+    leaves = [v.clone().requires_grad_() for v in (x, w1, w2, tw)]
+    y = fused_experts(*leaves, ids)
+    y.backward(dy)
+    (y64, *g64), (yp, *gp) = _experts_ref_grads(x, w1, w2, tw, ids, dy, "silu", torch.float16)
+    assert_close_rule(y, y64, yp, name="y")
+    for name, leaf, r, p in zip(("dx", "dw_gate_up", "dw_down", "d_topk_weights"), leaves, g64, gp):
+        assert_close_rule(leaf.grad, r, p, grad=True, name=name)
+
+
+def test_fused_moe_router_gradient(triton_backend):
+    """fused_moe end to end: routing kernel + experts, gradients reach the router logits."""
+    t, e, k = 26, 16, 4
+    x = torch.randn(t, H).half()
+    w1, w2 = _weights(e)
+    logits = torch.randn(t, e).half()
+    dy = torch.randn(t, H).half()
+    leaves = [v.clone().requires_grad_() for v in (x, w1, w2, logits)]
+    y = fused_moe(*leaves, top_k=k)
+    y.backward(dy)
+    outs = []
+    for cd in (torch.float64, torch.float16):
+        lv = [v.detach().to(cd).requires_grad_() for v in (x, w1, w2, logits)]
+        tw, ids = ref.route_ref(lv[3], k)
+        yr = ref.fused_experts_ref(*lv[:3], tw, ids, compute_dtype=cd)
+        yr.backward(dy.to(cd))
+        outs.append((yr, *[v.grad for v in lv]))
+    (y64, *g64), (yp, *gp) = outs
+    assert_close_rule(y, y64, yp, name="y")
+    for name, leaf, r, p in zip(("dx", "dw_gate_up", "dw_down", "d_logits"), leaves, g64, gp):
+        assert_close_rule(leaf.grad, r, p, grad=True, name=name)
