@@ -1,0 +1,184 @@
+"""A composition transformer built from the library's layers.
+
+Each element of a composition is a token: a learned element embedding + a projection of
+the element's (standardised) properties + an encoding of its fractional amount. Blocks are
+pre-norm ``FlashMoEScienceAttention.forward_packed`` (varlen self-attention over the
+elements of one composition, no padding) and ``FlashMoELayer`` (sparse SwiGLU experts;
+their load-balancing losses are summed in ``aux_loss``).
+
+Attention paths (same layer, same weights, no padding in either):
+
+- ``"packed"``: one ``forward_packed`` call over all compositions (``cu_seqlens``), the
+  varlen kernel on CUDA;
+- ``"bucketed"``: compositions with the same element count L form a dense (n, L, E) block
+  run through the layer's dense path, one call per run of equal L. The CPU reference of
+  the varlen op loops over sequences in Python (one small einsum chain per composition),
+  which this avoids; batches are sorted by L so a batch has at most a few runs.
+- ``"auto"`` (default): packed on CUDA, bucketed elsewhere.
+
+Tokens are pooled by their
+fractions and each task head predicts a mean and a log-scale (Laplace), so every
+prediction carries an uncertainty.
+
+Shape letters: T tokens, N compositions, E model width, P element properties.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..nn import FlashMoELayer, FlashMoEScienceAttention
+from .featurize import MAX_Z, PackedBatch, element_table
+
+
+class FractionEncoding(nn.Module):
+    """Fourier features of the fraction on a linear and a log scale, then a projection.
+
+    Linear-scale features separate 0.5 from 0.25; log-scale ones separate dopant levels
+    (0.001 vs 0.01), which a linear scale squeezes together (the idea of CrabNet's
+    fractional encoding)."""
+
+    def __init__(self, dim: int, num_frequencies: int = 16) -> None:
+        super().__init__()
+        freqs = torch.pi * (2.0 ** torch.arange(num_frequencies, dtype=torch.float32)) / 2.0
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.proj = nn.Linear(4 * num_frequencies + 2, dim)
+
+    def forward(self, frac: torch.Tensor) -> torch.Tensor:
+        f = frac.float().clamp_min(1e-6)[:, None]
+        logf = (torch.log2(f) / 20.0 + 1.0).clamp_min(0.0)  # 1e-6 -> ~0, 1 -> 1
+        angles = torch.cat([f * self.freqs, logf * self.freqs], dim=-1)
+        feats = torch.cat([angles.sin(), angles.cos(), f, logf], dim=-1)
+        return self.proj(feats.to(self.proj.weight.dtype))
+
+
+class CompositionBlock(nn.Module):
+    """x + Attn(LN(x)) then x + MoE(LN(x)), attention packed over each composition."""
+
+    def __init__(self, dim: int, heads: int, experts: int, top_k: int, ffn: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = FlashMoEScienceAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.moe = FlashMoELayer(dim, experts, top_k=top_k, ffn_hidden_size=ffn)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, path: str) -> torch.Tensor:
+        h = self.norm1(x)
+        if path == "packed":
+            a = self.attn.forward_packed(h, batch.cu_seqlens, batch.max_seqlen)
+        else:
+            pieces = []
+            for t0, t1, length in batch.runs:
+                blk = h[t0:t1].reshape(-1, length, h.shape[-1])
+                pieces.append(self.attn(blk, blk, blk)[0].reshape(t1 - t0, h.shape[-1]))
+            a = torch.cat(pieces, dim=0) if pieces else h
+        x = x + self.dropout(a)
+        return x + self.dropout(self.moe(self.norm2(x)))
+
+
+class CompositionTransformer(nn.Module):
+    """``forward(batch) -> {task: (mean (N,), log_scale (N,))}`` in normalised target units.
+
+    ``target_stats`` (a buffer per task: mean, scale) turns outputs back into physical
+    units in :meth:`predict`. The element property table is a buffer, so a checkpoint
+    needs no pymatgen to run.
+    """
+
+    def __init__(
+        self,
+        tasks: tuple[str, ...] = ("band_gap",),
+        *,
+        dim: int = 128,
+        heads: int = 4,
+        layers: int = 3,
+        experts: int = 8,
+        top_k: int = 2,
+        ffn: int = 256,
+        dropout: float = 0.0,
+        attention_path: str = "auto",
+    ) -> None:
+        super().__init__()
+        if attention_path not in ("auto", "packed", "bucketed"):
+            raise ValueError(f"attention_path must be 'auto', 'packed' or 'bucketed', got {attention_path!r}")
+        self.attention_path = attention_path
+        self.config = {
+            "tasks": list(tasks),
+            "dim": dim,
+            "heads": heads,
+            "layers": layers,
+            "experts": experts,
+            "top_k": top_k,
+            "ffn": ffn,
+            "dropout": dropout,
+        }
+        self.tasks = tuple(tasks)
+        table = torch.as_tensor(element_table())
+        self.register_buffer("element_props", table)
+        self.element_embedding = nn.Embedding(MAX_Z + 1, dim)
+        self.property_proj = nn.Linear(table.shape[1], dim)
+        self.fraction = FractionEncoding(dim)
+        self.blocks = nn.ModuleList(
+            CompositionBlock(dim, heads, experts, top_k, ffn, dropout) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 2 * len(tasks)))
+        self.register_buffer("target_stats", torch.tensor([[0.0, 1.0]] * len(tasks)))
+        nn.init.normal_(self.element_embedding.weight, std=1.0 / math.sqrt(dim))
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE layers' auxiliary losses from the last forward."""
+        losses = [b.moe.aux_loss for b in self.blocks if b.moe.aux_loss is not None]
+        return torch.stack([x.float() for x in losses]).sum() if losses else torch.zeros(())
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        z = batch.z
+        props = self.element_props[z].to(self.property_proj.weight.dtype)
+        return self.element_embedding(z) + self.property_proj(props) + self.fraction(batch.frac)
+
+    def forward(self, batch: PackedBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        x = self.embed(batch)
+        path = self.attention_path
+        if path == "auto":
+            path = "packed" if x.is_cuda else "bucketed"
+        if path == "bucketed" and not batch.runs and batch.z.numel():
+            raise ValueError("attention_path='bucketed' needs batch.runs (build the batch with to_torch())")
+        for block in self.blocks:
+            x = block(x, batch, path)
+        x = self.norm(x)
+        # Fraction-weighted mean over the elements of each composition.
+        w = batch.frac.to(x.dtype)[:, None]
+        pooled = x.new_zeros((batch.num_compositions, x.shape[1])).index_add_(0, batch.seg, x * w)
+        out = self.head(pooled).float().view(-1, len(self.tasks), 2)
+        return {t: (out[:, i, 0], out[:, i, 1].clamp(-7.0, 7.0)) for i, t in enumerate(self.tasks)}
+
+    def set_target_stats(self, task: str, mean: float, scale: float) -> None:
+        i = self.tasks.index(task)
+        self.target_stats[i] = torch.tensor([mean, scale], dtype=self.target_stats.dtype)
+
+    @torch.no_grad()
+    def predict(self, batch: PackedBatch, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) in physical units; std of the Laplace head (sqrt(2) * scale)."""
+        i = self.tasks.index(task)
+        mu, log_b = self.forward(batch)[task]
+        m, s = self.target_stats[i].float()
+        return mu * s + m, math.sqrt(2.0) * torch.exp(log_b) * s
+
+
+def laplace_nll(mu: torch.Tensor, log_b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of a Laplace(mu, b): |y - mu| / b + log b (CrabNet's robust
+    L1 loss up to constants). Its minimiser in mu is the median, so it trains for MAE."""
+    return (torch.abs(y - mu) * torch.exp(-log_b) + log_b).mean()
+
+
+def model_from_config(config: dict) -> CompositionTransformer:
+    cfg = dict(config)
+    tasks = tuple(cfg.pop("tasks"))
+    return CompositionTransformer(tasks, **cfg)
+
+
+__all__ = ["CompositionTransformer", "FractionEncoding", "laplace_nll", "model_from_config"]
