@@ -8,20 +8,22 @@ divide the world size) is measured in the same launch, the world split into
 
 Weak scaling: every rank holds ``--tokens-per-rank`` tokens, so throughput is
 ``world * tokens_per_rank / step_time`` with the step time the slowest rank's (wall clock
-between barriers, ``--iters`` steps averaged, after ``--warmup``). ``ep = 1`` is the dense
-layer on every GPU (all experts local, no all-to-all) — the baseline the EP degrees are
-compared with. Before timing, each EP layer's output is checked against the dense
-``FlashMoELayer`` with the same (gathered) weights on the same tokens.
+between barriers, ``--iters`` steps averaged, after ``--warmup``). At ``ep = 1`` the dense
+``FlashMoELayer`` (all experts on every GPU, no all-to-all; impl ``flashmoe``) is timed
+too: the baseline for the EP degrees (``flashmoe_ep`` at ``ep = 1`` adds the dispatch and
+combine bookkeeping and size-1 all-to-alls to it). Before timing, each EP layer's output is
+checked against the dense ``FlashMoELayer`` with the same weights on the same tokens.
 
 NVLink multicast (NVLS) is switched off below, before torch is imported: the lent
-multi-GPU machines require it (see the device notes), and it keeps numbers comparable.
+multi-GPU machines require it, and it keeps numbers comparable.
 
 Rows (rank 0 writes one JSON file, DESIGN.md's results shape): ``op`` is ``moe_ep_fwd``
 (forward under no_grad) or ``moe_ep_fwd_bwd`` (forward + backward with the aux loss);
-``impl`` ``flashmoe_ep``; ``case`` carries ``tokens`` (per rank), ``hidden``, ``ffn``,
-``experts``, ``top_k``, ``dtype``, ``ep_size``, ``world_size``; each row also has ``ms``,
-``tokens_per_s`` (global), ``tokens_per_s_per_gpu``, ``max_over_mean_load`` (the busiest
-EP rank's rows over the mean, averaged over the steps) and ``status``.
+``impl`` is ``flashmoe_ep`` (or ``flashmoe``, the dense baseline); ``case`` carries
+``tokens`` (per rank), ``hidden``, ``ffn``, ``experts``, ``top_k``, ``dtype``, ``ep_size``,
+``world_size``; each row also has ``ms``, ``tokens_per_s`` (global),
+``tokens_per_s_per_gpu``, ``max_over_mean_load`` (the busiest EP rank's rows over the
+mean, averaged over the steps), ``check_rel_err`` and ``status``.
 
 CPU smoke test (gloo; numbers meaningless, checks that the script runs)::
 
@@ -156,36 +158,57 @@ def _bench_ep(args, ep_size: int, device: torch.device, dtype: torch.dtype) -> l
         ref = dense(x).float()
     err = torch.tensor([(y - ref).norm().item() / max(ref.norm().item(), 1e-30)], device=device)
     dist.all_reduce(err, op=dist.ReduceOp.MAX)
-    del dense, ref, y
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del ref, y
     ok = bool(torch.isfinite(err).all()) and float(err) <= CHECK_TOL[args.dtype]
+    impls = [("flashmoe_ep", layer)]
+    if ep_size == 1:
+        impls.append(("flashmoe", dense))  # dense baseline: nothing to check, it is the reference
+    else:
+        del dense
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
+    rows = []
+    for impl, mod in impls:
+        rows += _time_impl(args, impl, mod, x, g, case, float(err), ok, device)
+    return rows
+
+
+def _time_impl(args, impl, mod, x, g, case, err, ok, device) -> list[dict]:
+    world = dist.get_world_size()
     loads = []
+
+    def record_load():
+        if impl == "flashmoe_ep":
+            loads.append(mod.last_tokens_per_rank)
 
     def fwd():
         with torch.no_grad():
-            layer(x)
-        loads.append(layer.last_tokens_per_rank)
+            mod(x)
+        record_load()
 
     def fwd_bwd():
-        layer.zero_grad(set_to_none=True)
-        y = layer(x)
-        ((y * g).sum() + layer.aux_loss).backward()
-        loads.append(layer.last_tokens_per_rank)
+        mod.zero_grad(set_to_none=True)
+        y = mod(x)
+        ((y * g).sum() + mod.aux_loss).backward()
+        record_load()
 
     rows = []
     for op, fn in (("moe_ep_fwd", fwd), ("moe_ep_fwd_bwd", fwd_bwd)):
         if op not in args.ops.split(","):
             continue
-        row = {"op": op, "impl": "flashmoe_ep", "case": case, "check_rel_err": float(err)}
+        row = {"op": op, "impl": impl, "case": case, "check_rel_err": err}
         if not ok:
-            row.update(status="failed", ms=None, note=f"relative L2 error {float(err):.3e} vs dense layer")
+            row.update(status="failed", ms=None, note=f"relative L2 error {err:.3e} vs dense layer")
             rows.append(row)
             continue
         loads.clear()
         sec = _time(fn, args.iters, args.warmup, device)
-        imbalance = torch.stack([ld.double().max() / ld.double().mean() for ld in loads]).mean().item()
+        imbalance = (
+            torch.stack([ld.double().max() / ld.double().mean() for ld in loads]).mean().item()
+            if loads
+            else None
+        )
         row.update(
             status="ok",
             ms=sec * 1e3,
@@ -225,16 +248,16 @@ def main(argv=None) -> int:
     for ep in ep_sizes:
         rows += _bench_ep(args, ep, device, dtype)
     if rank == 0:
-        header = f"{'op':<16}{'ep':>4}{'ms':>10}{'Mtok/s':>10}{'Mtok/s/gpu':>12}{'load max/mean':>15}  status"
+        cols = ("op", "impl", "ep", "ms", "Mtok/s", "Mtok/s/gpu", "load max/mean", "status")
+        header = "".join(f"{c:>14}" for c in cols)
         lines = [header]
         for r in rows:
             ms = f"{r['ms']:.3f}" if r.get("ms") else "-"
             tps = f"{r['tokens_per_s'] / 1e6:.3f}" if r.get("tokens_per_s") else "-"
             tpg = f"{r['tokens_per_s_per_gpu'] / 1e6:.3f}" if r.get("tokens_per_s_per_gpu") else "-"
             imb = f"{r['max_over_mean_load']:.2f}" if r.get("max_over_mean_load") else "-"
-            lines.append(
-                f"{r['op']:<16}{r['case']['ep_size']:>4}{ms:>10}{tps:>10}{tpg:>12}{imb:>15}  {r['status']}"
-            )
+            vals = (r["op"], r["impl"], r["case"]["ep_size"], ms, tps, tpg, imb, r["status"])
+            lines.append("".join(f"{v:>14}" for v in vals))
         sys.stdout.write("\n".join(lines) + "\n")
         if not args.no_save:
             out = (
