@@ -233,6 +233,13 @@ def _case_dense_roundtrip(rank: int, world: int) -> None:
         assert torch.equal(state[key], value), key
     with pytest.raises(ValueError, match="multiple of the EP group size"):
         ExpertParallelMoE(H, 2 * world + 1, 2, F)
+    bad = dict(dense.state_dict(), w_down=dense.w_down[:1])
+    with pytest.raises(ValueError, match="w_down has 1 experts"):
+        ep.load_dense_state_dict(bad)
+    # (..., H) inputs: a (2, 3, H) batch gives the rows of the flattened (6, H) one.
+    x = torch.randn(2, 3, H)
+    assert torch.equal(ep(x), ep(x.reshape(6, H)).view(2, 3, H))
+    assert ep.last_recv_tokens == int(ep.last_tokens_per_rank[rank])
 
 
 _CASES = {
@@ -262,6 +269,12 @@ _CASES = {
         lambda r, w: _check_case(r, w, experts=4, top_k=2, tokens=[3, 2, 4, 1], shared=1, ep_size=2),
     ],
 }
+
+
+def test_distributed_ep_needs_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallelMoE(H, 4, 2, F)
 
 
 def test_distributed_ep_two_processes():
