@@ -98,6 +98,11 @@ def _time(fn, iters: int, warmup: int, device: torch.device) -> float:
     return float(elapsed)
 
 
+def _nccl_version() -> str:
+    v = torch.cuda.nccl.version()
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def _meta(args, world: int) -> dict:
     def git_sha() -> str | None:
         try:
@@ -119,7 +124,7 @@ def _meta(args, world: int) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "nccl": _nccl_version() if cuda else None,
         "world_size": world,
         "backend": dist.get_backend(),
         "date": _dt.date.today().isoformat(),
@@ -228,7 +233,9 @@ def main(argv=None) -> int:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        dist.init_process_group(backend, device_id=device)
+        # No device_id: it would make every new_group (one set per EP size) build its NCCL
+        # communicator eagerly, also the DP groups the benchmark never uses.
+        dist.init_process_group(backend)
     else:
         device = torch.device("cpu")
         dist.init_process_group(backend)
