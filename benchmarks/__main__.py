@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     cfg = dataclasses.replace(base, **overrides)
-    suite_tag = args.suite or "issue"
+    default_suites = harness.get_family(args.cmd).cases.DEFAULT_SUITE
+    suite_tag = args.suite or "+".join(sorted({default_suites.get(op, "default") for op in args.op}))
     stem = f"{args.cmd}-{'+'.join(args.op)}-{suite_tag}{'-quick' if args.quick else ''}"
     out_path = harness.new_results_path(args.out, stem)
     command = "python -m benchmarks " + shlex.join(argv)
