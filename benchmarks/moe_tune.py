@@ -286,6 +286,27 @@ def section_decode(args):
             )
 
 
+def section_warm(args):
+    """Compile (no timing) what the timed sections use; run once per config index in parallel
+    processes (FLASHMOE_MOE_CONFIG_INDEX) so the autotuner later finds every config cached."""
+    for shape, t in [(c[0], int(c[1:])) for c in args.fwd_cases.split(",")]:
+        x, w1, w2, logits, k = make(t, shape)
+        with torch.no_grad():
+            for bm in args.block_ms:
+                launch.fused_experts_fwd(x, w1, w2, *torch_route(logits, k), "silu", block_m=bm)
+            fused_moe(x, w1, w2, logits, k)
+        if shape in ("B", "C") and t <= 8192:
+            leaves = [v.clone().requires_grad_() for v in (x, w1, w2, logits)]
+            torch.autograd.grad(fused_moe(*leaves, top_k=k), leaves, torch.randn_like(x))
+    for shape in ("B", "C"):
+        for t in (1, 8, 64):
+            x, w1, w2, logits, k = make(t, shape)
+            with torch.no_grad():
+                fused_moe(x, w1, w2, logits, k)
+    torch.cuda.synchronize()
+    log("warm done", os.environ.get("FLASHMOE_MOE_CONFIG_INDEX"))
+
+
 def section_tiny(args):
     os.environ["FLASHMOE_MOE_AUTOTUNE"] = "0"
     t, h, f, e, k = 77, 128, 96, 16, 4

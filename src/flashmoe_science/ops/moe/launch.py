@@ -77,14 +77,25 @@ def _even_k(args):
 _TUNED: dict = {}
 
 
+def _forced_index() -> int | None:
+    """FLASHMOE_MOE_CONFIG_INDEX=i: use only config i of each list (modulo its length). The
+    tuning script compiles each config in its own process this way, filling Triton's cache
+    in parallel before the autotuner benchmarks them."""
+    value = os.environ.get("FLASHMOE_MOE_CONFIG_INDEX", "")
+    return int(value) if value else None
+
+
 def _tuned(name: str, fn, configs: list, key: list[str], heuristics: dict | None = None):
     """One autotuner per (kernel, config list, mode); built lazily, then cached for the process."""
     tune = _autotune_on() and not interpreter_enabled()
-    ident = (name, tune)
+    forced = _forced_index()
+    ident = (name, tune, forced)
     if ident not in _TUNED:
         if heuristics:
             fn = triton.heuristics(heuristics)(fn)
         cfgs = configs if tune else [_INTERP if interpreter_enabled() else configs[0]]
+        if forced is not None and not interpreter_enabled():
+            cfgs = [configs[forced % len(configs)]]
         if interpreter_enabled() and name.startswith("wgrad"):
             cfgs = [_INTERP_WGRAD]
         _TUNED[ident] = triton.autotune(configs=cfgs, key=key)(fn)
