@@ -229,18 +229,19 @@ def main(argv=None) -> int:
     args = _parse(argv)
     device_type = args.device
     backend = "nccl" if device_type == "cuda" else "gloo"
+    own_group = not dist.is_initialized()  # the CPU test calls main() in its own processes
     if device_type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        if args.dtype != "float32":
+            args.dtype = "float32"  # CPU: reference path, float32
+    if own_group:
         # No device_id: it would make every new_group (one set per EP size) build its NCCL
         # communicator eagerly, also the DP groups the benchmark never uses.
         dist.init_process_group(backend)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group(backend)
-        if args.dtype != "float32":
-            args.dtype = "float32"  # CPU: reference path, float32
     world, rank = dist.get_world_size(), dist.get_rank()
     dtype = getattr(torch, args.dtype)
     if args.ep_sizes:
@@ -276,7 +277,8 @@ def main(argv=None) -> int:
             out.write_text(json.dumps({"meta": _meta(args, world), "rows": rows}, indent=1) + "\n")
             sys.stdout.write(f"wrote {out}\n")
     dist.barrier()
-    dist.destroy_process_group()
+    if own_group:
+        dist.destroy_process_group()
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

@@ -11,11 +11,14 @@ the dense layer on the concatenated tokens of the EP group in float32 (``p``) an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import io
 import os
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,9 +245,24 @@ def _case_dense_roundtrip(rank: int, world: int) -> None:
     assert ep.last_recv_tokens == int(ep.last_tokens_per_rank[rank])
 
 
+def _case_bench_smoke(rank: int, world: int) -> None:
+    """benchmarks/ep_bench.py runs (gloo, tiny shapes): its check passes, rows come out."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import ep_bench
+
+    args = "--device cpu --tokens-per-rank 16 --hidden 16 --ffn 8 --experts 4 --top-k 2 --iters 1 --warmup 1"
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        assert ep_bench.main([*args.split(), "--no-save", "--ep-sizes", "1,2"]) == 0
+    if rank == 0:
+        assert table.getvalue().count(" ok") == 6, table.getvalue()  # 2 ops x (ep 1: 2 impls, ep 2)
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0"
+
+
 _CASES = {
     "world2": [
         _case_dense_roundtrip,
+        _case_bench_smoke,
         # uneven token counts, shared expert
         lambda r, w: _check_case(r, w, experts=4, top_k=2, tokens=[5, 3], shared=1),
         # rank 0 has no tokens; every token goes to rank 0's experts, rank 1 receives none
