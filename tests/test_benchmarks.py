@@ -6,21 +6,16 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-# benchmarks/ is a top-level package beside src/ (not installed): make the repo root
-# importable (pyproject's pythonpath has only "tests").
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import harness  # noqa: E402
-from benchmarks.__main__ import main as cli_main  # noqa: E402
-from benchmarks.cases import attention as att  # noqa: E402
-from benchmarks.cases import moe  # noqa: E402
-from benchmarks.peers import moe as moe_peers  # noqa: E402
+# benchmarks/ is a top-level package beside src/ (not installed); pyproject's pytest
+# pythonpath puts the repo root on sys.path.
+from benchmarks import harness
+from benchmarks.__main__ import main as cli_main
+from benchmarks.cases import attention as att
+from benchmarks.cases import moe
+from benchmarks.peers import moe as moe_peers
 
 FAST = harness.TimingConfig(n_sets=2, rep_ms=0.0, min_reps=1, max_reps=1, max_iter_s=60.0, flush_l2=False)
 CPU = torch.device("cpu")
