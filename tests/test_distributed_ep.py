@@ -239,6 +239,8 @@ def _case_dense_roundtrip(rank: int, world: int) -> None:
     bad = dict(dense.state_dict(), w_down=dense.w_down[:1])
     with pytest.raises(ValueError, match="w_down has 1 experts"):
         ep.load_dense_state_dict(bad)
+    with pytest.raises(ValueError, match="expected torch.float32, the experts' dtype"):
+        ep(torch.randn(3, H, dtype=torch.float64))
     # (..., H) inputs: a (2, 3, H) batch gives the rows of the flattened (6, H) one.
     x = torch.randn(2, 3, H)
     assert torch.equal(ep(x), ep(x.reshape(6, H)).view(2, 3, H))

@@ -260,6 +260,9 @@ class ExpertParallelMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"x has last dim {x.shape[-1]}; expected hidden_size={self.hidden_size}")
+        if x.dtype != self.w_gate_up.dtype:
+            # Checked here: the expert call below skips fused_experts' validation.
+            raise ValueError(f"x has dtype {x.dtype}; expected {self.w_gate_up.dtype}, the experts' dtype")
         shape = x.shape
         tokens = x.reshape(-1, self.hidden_size)
         logits = self.router(tokens)
