@@ -247,6 +247,25 @@ def _case_dense_roundtrip(rank: int, world: int) -> None:
     assert ep.last_recv_tokens == int(ep.last_tokens_per_rank[rank])
 
 
+def _case_input_without_grad(rank: int, world: int) -> None:
+    """x without requires_grad (a first layer): no dispatch all-to-all in backward on any
+    rank, the ranks that receive nothing included; weight gradients as with x trainable."""
+    torch.manual_seed(3)
+    dense = FlashMoELayer(H, 2 * world, 2, F, scoring="sigmoid")
+    dense.expert_bias[:2] = 50.0  # everything to rank 0's experts
+    ep = ExpertParallelMoE.from_dense(dense)
+    x = torch.randn(3 if rank else 0, H)
+    g = torch.randn(x.shape)
+    grads = []
+    for x_grad in (True, False):
+        ep.zero_grad(set_to_none=True)
+        y = ep(x.clone().requires_grad_(x_grad))
+        ((y * g).sum() + ep.aux_loss).backward()
+        grads.append([p.grad.clone() for p in ep.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def _case_bench_smoke(rank: int, world: int) -> None:
     """benchmarks/ep_bench.py runs (gloo, tiny shapes): its check passes, rows come out."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -265,6 +284,7 @@ _CASES = {
     "world2": [
         _case_dense_roundtrip,
         _case_bench_smoke,
+        _case_input_without_grad,
         # uneven token counts, shared expert
         lambda r, w: _check_case(r, w, experts=4, top_k=2, tokens=[5, 3], shared=1),
         # rank 0 has no tokens; every token goes to rank 0's experts, rank 1 receives none
