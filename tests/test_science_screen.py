@@ -17,6 +17,15 @@ from flashmoe_science.science.train import predict  # noqa: E402
 TINY = {"dim": 32, "heads": 2, "layers": 1, "experts": 4, "top_k": 2, "ffn": 32}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny ops: one thread per xdist worker avoids oversubscribing a 2-core runner.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_amount_grid_is_primitive_and_complete():
     g = sc.amount_grid(2, 4)
     expected = [(a, b) for a in range(1, 5) for b in range(1, 5) if math.gcd(a, b) == 1]

@@ -43,14 +43,17 @@ class FractionEncoding(nn.Module):
 
     def __init__(self, dim: int, num_frequencies: int = 16) -> None:
         super().__init__()
-        freqs = torch.pi * (2.0 ** torch.arange(num_frequencies, dtype=torch.float32)) / 2.0
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.num_frequencies = num_frequencies
         self.proj = nn.Linear(4 * num_frequencies + 2, dim)
 
     def forward(self, frac: torch.Tensor) -> torch.Tensor:
+        # Frequencies made here in float32 (not a buffer): a bfloat16 copy of the model would
+        # round them, and the features would differ between training and evaluation.
+        k = torch.arange(self.num_frequencies, dtype=torch.float32, device=frac.device)
+        freqs = torch.pi * torch.exp2(k) / 2.0
         f = frac.float().clamp_min(1e-6)[:, None]
         logf = (torch.log2(f) / 20.0 + 1.0).clamp_min(0.0)  # 1e-6 -> ~0, 1 -> 1
-        angles = torch.cat([f * self.freqs, logf * self.freqs], dim=-1)
+        angles = torch.cat([f * freqs, logf * freqs], dim=-1)
         feats = torch.cat([angles.sin(), angles.cos(), f, logf], dim=-1)
         return self.proj(feats.to(self.proj.weight.dtype))
 
@@ -100,6 +103,7 @@ class CompositionTransformer(nn.Module):
         ffn: int = 256,
         dropout: float = 0.0,
         attention_path: str = "auto",
+        element_props: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if attention_path not in ("auto", "packed", "bucketed"):
@@ -116,7 +120,11 @@ class CompositionTransformer(nn.Module):
             "dropout": dropout,
         }
         self.tasks = tuple(tasks)
-        table = torch.as_tensor(element_table())
+        # (MAX_Z + 1, P) standardised element properties; default: pymatgen's, via featurize.
+        table = torch.as_tensor(element_table()) if element_props is None else element_props.float()
+        if table.dim() != 2 or table.shape[0] != MAX_Z + 1:
+            raise ValueError(f"element_props must be ({MAX_Z + 1}, P), got {tuple(table.shape)}")
+        self.config["num_props"] = int(table.shape[1])
         self.register_buffer("element_props", table)
         self.element_embedding = nn.Embedding(MAX_Z + 1, dim)
         self.property_proj = nn.Linear(table.shape[1], dim)
@@ -176,9 +184,12 @@ def laplace_nll(mu: torch.Tensor, log_b: torch.Tensor, y: torch.Tensor) -> torch
 
 
 def model_from_config(config: dict) -> CompositionTransformer:
+    """An untrained model of this shape; its element table is a placeholder that a
+    checkpoint's state dict overwrites (so loading needs no pymatgen)."""
     cfg = dict(config)
     tasks = tuple(cfg.pop("tasks"))
-    return CompositionTransformer(tasks, **cfg)
+    num_props = cfg.pop("num_props")
+    return CompositionTransformer(tasks, **cfg, element_props=torch.zeros(MAX_Z + 1, num_props))
 
 
 __all__ = ["CompositionTransformer", "FractionEncoding", "laplace_nll", "model_from_config"]

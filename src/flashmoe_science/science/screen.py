@@ -156,8 +156,10 @@ def screen(
     seed: int = 0,
 ) -> ScreenResult:
     """Predict every candidate of ``space`` and keep the ``top_k`` by ``objective``."""
+    from .train import for_inference
+
     device = next(model.parameters()).device
-    model.eval()
+    model = for_inference(model)
     if objective not in ("max", "min") and not objective.startswith("target:"):
         _objective_score(torch.zeros(1), torch.zeros(1), objective, kappa)  # raises with the message
     total = space.size()

@@ -28,9 +28,9 @@ TASK_OF_DATASET = {"expt_gap": "band_gap", "mp_gap": "band_gap", "superconductor
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 1e-3
+    epochs: int = 80
+    batch_size: int = 256
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     patience: int = 20  # epochs without a better validation MAE before stopping
@@ -95,6 +95,17 @@ class _Precision:
                 pw.grad = None
 
 
+def for_inference(model: CompositionTransformer) -> CompositionTransformer:
+    """The model to predict with: on CUDA a bfloat16 copy (what the kernels take; the
+    target statistics stay float32), elsewhere the model itself."""
+    p = next(model.parameters())
+    if p.is_cuda and p.dtype == torch.float32:
+        work = copy.deepcopy(model).to(torch.bfloat16)
+        work.target_stats = model.target_stats.clone()
+        return work.eval()
+    return model.eval()
+
+
 def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -121,7 +132,7 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) as float64 arrays in physical units, in the order of ``packed``."""
     dev = next(model.parameters()).device if device is None else resolve_device(str(device))
-    model.eval()
+    model = for_inference(model)
     mean = np.empty(len(packed))
     std = np.empty(len(packed))
     for b in sorted_batches(np.arange(len(packed)), packed.lengths, batch_size, None):
@@ -294,6 +305,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "fit",
+    "for_inference",
     "load_model",
     "predict",
     "resolve_device",

@@ -1,0 +1,339 @@
+"""Throughput of the materials model: the library's layers vs the same model in plain PyTorch.
+
+Two implementations with *the same weights*:
+
+- ``flashmoe``: :class:`~flashmoe_science.science.model.CompositionTransformer`
+  (``FlashMoEScienceAttention.forward_packed`` over packed compositions + ``FlashMoELayer``),
+  packed path (the varlen kernel on CUDA);
+- ``plain_pytorch``: ``nn.MultiheadAttention`` on a padded (N, L_max, E) batch with a
+  key-padding mask, and a Python loop over the experts (gather, SwiGLU, scatter-add).
+
+Ops (``op`` in the JSON rows, DESIGN.md's results schema):
+
+- ``science_screen``: predictions per second over enumerated candidates (chunks of equal
+  element count L, as ``flashmoe-science screen`` makes them), inference only;
+- ``science_train``: training samples per second (forward, backward, AdamW step) on
+  batches of random compositions with 1..8 elements (mp_gap-like length mix; a
+  throughput benchmark needs no real targets, and the GPU machine has no network).
+
+On CUDA both run in bfloat16; on CPU in float32 (the reference path; a smoke run).
+Each pair is checked against each other once before timing.
+
+    PYTHONPATH=src python benchmarks/science_throughput.py --out benchmarks/results/science_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from flashmoe_science.science.featurize import MAX_Z, PackedBatch  # noqa: E402
+from flashmoe_science.science.model import CompositionTransformer  # noqa: E402
+
+CASES = [
+    # model shape, screening chunk (candidates of L elements), training batch (compositions)
+    {
+        "dim": 128,
+        "heads": 4,
+        "layers": 2,
+        "experts": 4,
+        "top_k": 2,
+        "ffn": 128,
+        "chunk": 65536,
+        "L": 3,
+        "batch": 1024,
+    },
+    {
+        "dim": 256,
+        "heads": 8,
+        "layers": 3,
+        "experts": 8,
+        "top_k": 2,
+        "ffn": 512,
+        "chunk": 65536,
+        "L": 4,
+        "batch": 1024,
+    },
+]
+SMOKE_CASES = [
+    {
+        "dim": 64,
+        "heads": 2,
+        "layers": 1,
+        "experts": 4,
+        "top_k": 2,
+        "ffn": 64,
+        "chunk": 2048,
+        "L": 3,
+        "batch": 128,
+    },
+]
+
+
+class PlainMoE(nn.Module):
+    """Router + experts as a Python loop over experts (what a plain PyTorch port does)."""
+
+    def __init__(self, src) -> None:
+        super().__init__()
+        self.top_k = src.top_k
+        self.router = nn.Linear(src.hidden_size, src.num_experts, bias=False)
+        self.router.weight = nn.Parameter(src.router.weight.detach().clone())
+        self.w_gate_up = nn.Parameter(src.w_gate_up.detach().clone())
+        self.w_down = nn.Parameter(src.w_down.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        w, ids = probs.topk(self.top_k, dim=-1)
+        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        f = self.w_down.shape[2]
+        for e in range(self.w_gate_up.shape[0]):
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            h = x[tok] @ self.w_gate_up[e].t()
+            y = (F.silu(h[:, :f]) * h[:, f:]) @ self.w_down[e].t()
+            out = out.index_add(0, tok, y * w[tok, slot, None])
+        return out
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, src) -> None:
+        super().__init__()
+        dim, heads = src.attn.embed_dim, src.attn.num_heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm1.load_state_dict(src.norm1.state_dict())
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.attn.load_state_dict(src.attn.state_dict())  # FlashMoEScienceAttention is MHA-compatible
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm2.load_state_dict(src.norm2.state_dict())
+        self.moe = PlainMoE(src.moe)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, pad_index, pad_mask) -> torch.Tensor:
+        h = self.norm1(x)
+        n, lmax = pad_mask.shape
+        padded = h.new_zeros((n * lmax, h.shape[1])).index_copy(0, pad_index, h).view(n, lmax, -1)
+        a, _ = self.attn(padded, padded, padded, key_padding_mask=pad_mask, need_weights=False)
+        x = x + a.reshape(n * lmax, -1)[pad_index]
+        return x + self.moe(self.norm2(x))
+
+
+class PlainCompositionTransformer(nn.Module):
+    """The same network and weights as a CompositionTransformer, in plain PyTorch layers."""
+
+    def __init__(self, src: CompositionTransformer) -> None:
+        super().__init__()
+        self.src_embed = src  # embedding, fraction encoding, pooling and head are shared code
+        self.blocks = nn.ModuleList(PlainBlock(b) for b in src.blocks)
+
+    def forward(self, batch: PackedBatch):
+        src = self.src_embed
+        x = src.embed(batch)
+        lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
+        n, lmax = lengths.numel(), batch.max_seqlen
+        pos = torch.arange(x.shape[0], device=x.device) - batch.cu_seqlens[:-1].long()[batch.seg]
+        pad_index = batch.seg * lmax + pos
+        pad_mask = torch.arange(lmax, device=x.device)[None, :] >= lengths[:, None]
+        for block in self.blocks:
+            x = block(x, batch, pad_index, pad_mask)
+        x = src.norm(x)
+        w = batch.frac.to(x.dtype)[:, None]
+        pooled = x.new_zeros((n, x.shape[1])).index_add_(0, batch.seg, x * w)
+        out = src.head(pooled).float().view(-1, len(src.tasks), 2)
+        return {t: (out[:, i, 0], out[:, i, 1].clamp(-7.0, 7.0)) for i, t in enumerate(src.tasks)}
+
+
+def screen_batch(n: int, length: int, device, gen) -> PackedBatch:
+    z = torch.randint(1, 84, (n, length), generator=gen).to(device)
+    amounts = torch.randint(1, 7, (n, length), generator=gen).float().to(device)
+    frac = (amounts / amounts.sum(1, keepdim=True)).reshape(-1)
+    cu = torch.arange(0, (n + 1) * length, length, dtype=torch.int32, device=device)
+    seg = torch.arange(n, device=device).repeat_interleave(length)
+    return PackedBatch(z.reshape(-1), frac, cu, seg, length, ((0, n * length, length),))
+
+
+def train_batch(n: int, device, gen) -> tuple[PackedBatch, torch.Tensor]:
+    # mp_gap-like mix of element counts (mostly 2-5, up to 8); sorted so runs are few.
+    probs = torch.tensor([0.02, 0.2, 0.38, 0.25, 0.1, 0.03, 0.01, 0.01])
+    lengths = torch.multinomial(probs, n, replacement=True, generator=gen).sort().values + 1
+    cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    t = int(cu[-1])
+    seg = torch.repeat_interleave(torch.arange(n), lengths)
+    z = torch.randint(1, 84, (t,), generator=gen)
+    amounts = torch.randint(1, 7, (t,), generator=gen).float()
+    frac = amounts / torch.zeros(n).index_add_(0, seg, amounts)[seg]
+    runs, start = [], 0
+    for length in range(1, 9):
+        cnt = int((lengths == length).sum())
+        if cnt:
+            runs.append((start, start + cnt * length, length))
+            start += cnt * length
+    batch = PackedBatch(
+        z.to(device), frac.to(device), cu.to(device), seg.to(device), int(lengths.max()), tuple(runs)
+    )
+    return batch, torch.randn(n, generator=gen).to(device)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def run_case(case: dict, device, dtype, warmup: int, iters: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    model_kw = {k: case[k] for k in ("dim", "heads", "layers", "experts", "top_k", "ffn")}
+    torch.manual_seed(0)
+    props = torch.randn(MAX_Z + 1, 20, generator=gen)  # values do not change the speed
+    flash = CompositionTransformer(("band_gap",), **model_kw, element_props=props, attention_path="packed")
+    flash = flash.to(device=device, dtype=dtype).eval()
+    flash.target_stats = flash.target_stats.float()
+    plain = PlainCompositionTransformer(flash).to(device=device, dtype=dtype).eval()
+    rows = []
+    shape = {**model_kw, "dtype": str(dtype).replace("torch.", "")}
+
+    # --- screening: inference on a chunk of equal-length candidates
+    sb = screen_batch(case["chunk"], case["L"], device, gen)
+    with torch.no_grad():
+        ref = plain(sb)["band_gap"][0].float()
+        got = flash(sb)["band_gap"][0].float()
+    err = float((ref - got).abs().max() / (ref.abs().max() + 1e-6))
+    for impl, m in (("flashmoe", flash), ("plain_pytorch", plain)):
+
+        def step(m=m):
+            with torch.no_grad():
+                m(sb)
+
+        sec = _time(step, device, warmup, iters)
+        rows.append(
+            {
+                "op": "science_screen",
+                "impl": impl,
+                "case": {**shape, "candidates": case["chunk"], "elements_per_candidate": case["L"]},
+                "ms": sec * 1e3,
+                "metric": "candidates_per_s",
+                "value": case["chunk"] / sec,
+                "check_rel_err_vs_plain": err,
+            }
+        )
+
+    # --- training: forward + backward + AdamW on a mixed-length batch
+    tb, y = train_batch(case["batch"], device, gen)
+    for impl, m in (("flashmoe", flash), ("plain_pytorch", plain)):
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(m=m, opt=opt):
+            mu, log_b = m(tb)["band_gap"]
+            loss = (torch.abs(y - mu) * torch.exp(-log_b) + log_b).mean()
+            if m is flash:
+                loss = loss + flash.aux_loss.to(loss.device)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        sec = _time(step, device, warmup, iters)
+        rows.append(
+            {
+                "op": "science_train",
+                "impl": impl,
+                "case": {
+                    **shape,
+                    "batch": case["batch"],
+                    "tokens": int(tb.cu_seqlens[-1]),
+                    "max_len": tb.max_seqlen,
+                },
+                "ms": sec * 1e3,
+                "metric": "samples_per_s",
+                "value": case["batch"] / sec,
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="JSON results path")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cases = SMOKE_CASES if args.smoke or device.type != "cuda" else CASES
+    rows = []
+    for case in cases:
+        rows.extend(run_case(case, device, dtype, args.warmup, args.iters))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        sha = ""
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "git_sha": sha,
+        "command": "python benchmarks/science_throughput.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    hdr = f"{'op':15s} {'impl':14s} {'case':48s} {'ms':>9s} {'rate':>14s} {'speedup':>8s}"
+    print(hdr)
+    for r in rows:
+        base = next(
+            x["value"]
+            for x in rows
+            if x["op"] == r["op"] and x["case"] == r["case"] and x["impl"] == "plain_pytorch"
+        )
+        c = r["case"]
+        desc = f"E{c['dim']} L{c['layers']} X{c['experts']} " + (
+            f"{c['candidates']}x{c['elements_per_candidate']}"
+            if r["op"] == "science_screen"
+            else f"B{c['batch']}"
+        )
+        speedup = r["value"] / base
+        print(f"{r['op']:15s} {r['impl']:14s} {desc:48s} {r['ms']:9.2f} {r['value']:14,.0f} {speedup:7.2f}x")
+    errs = [r["check_rel_err_vs_plain"] for r in rows if "check_rel_err_vs_plain" in r]
+    print(f"max relative difference flashmoe vs plain (screen outputs): {max(errs):.2e}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
