@@ -16,11 +16,11 @@ Strategy (kernels in ``kernels/bwd.py``):
      ``_DEFAULT_DQ_MODE``; ``FLASHMOE_ATTN_BWD_DQ=separate|atomic`` overrides it.
 
 Autotuning: each kernel is tuned per (head dim, causal, varlen, dtype) over the configs
-below, pruned for the head dim by ``_prune_configs_for_head_dim``. Without tuning
-(``_pinned_config``): ``FLASHMOE_ATTN_BWD_TUNE=0`` or the forward's
-``FLASHMOE_ATTN_AUTOTUNE=0`` run the first config that fits (quick tests);
-``FLASHMOE_ATTN_BWD_TUNE=<i>`` runs the i-th (``benchmarks/attn_bwd_tune.py`` compiles the
-configs in parallel that way). Under ``TRITON_INTERPRET=1`` one fixed config runs (the
+listed for its head dim (``_DKDV_TABLE`` / ``_DQ_TABLE``). Without tuning
+(``_pinned_config``): ``FLASHMOE_ATTN_BWD_TUNE=0`` (or, when it is unset, the forward's
+``FLASHMOE_ATTN_AUTOTUNE=0``) runs the head dim's default config (quick tests);
+``FLASHMOE_ATTN_BWD_TUNE=cfg<i>`` runs the i-th (``benchmarks/attn_bwd_tune.py`` compiles
+the configs in parallel that way). Under ``TRITON_INTERPRET=1`` one fixed config runs (the
 interpreter cannot autotune).
 """
 
@@ -44,81 +44,86 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-if interpreter_enabled():
-    # BLOCK_M != BLOCK_N on purpose: the CPU tests then exercise the general mask bounds.
-    _DKDV_CONFIGS = [_cfg(32, 64, 4, 1)]
-    _DQ_CONFIGS = [_cfg(64, 32, 4, 1)]
-else:
-    # (BLOCK_M, BLOCK_N, warps, stages); the first that fits is the untuned default.
-    # dK/dV keeps two (BLOCK_N, D) float32 accumulators in registers and streams
-    # (BLOCK_M, D) tiles of Q and dO, so it prefers narrow Q tiles; dQ keeps one (BLOCK_M, D).
-    _DKDV_CONFIGS = [
-        _cfg(64, 128, 8, 2),
-        _cfg(32, 128, 4, 3),
-        _cfg(64, 128, 8, 3),
-        _cfg(32, 128, 8, 3),
-        _cfg(64, 64, 4, 3),
-        _cfg(128, 128, 8, 2),
-        _cfg(32, 64, 4, 2),
-    ]
-    _DQ_CONFIGS = [
-        _cfg(128, 64, 8, 2),
-        _cfg(128, 32, 4, 3),
-        _cfg(128, 64, 8, 3),
-        _cfg(64, 64, 4, 3),
-        _cfg(128, 128, 8, 2),
-        _cfg(64, 128, 8, 2),
-        _cfg(64, 32, 4, 2),
-    ]
+# (BLOCK_M, BLOCK_N, warps, stages) per padded head dim; the first is the untuned default.
+# dK/dV keeps two (BLOCK_N, D) float32 accumulators in registers and streams (BLOCK_M, D)
+# tiles of Q and dO; dQ keeps one (BLOCK_M, D). The lists hold the configs that ptxas
+# compiles for sm_90 with no (or < 128 bytes of) register spills (offline compile of these
+# kernels, 2026-11-25; see docs/attention_bwd.md); the GPU autotuner picks among them.
+_DKDV_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    32: ((32, 128, 8, 2), (64, 128, 8, 1), (16, 128, 8, 3), (64, 128, 8, 2)),
+    64: ((32, 128, 8, 2), (64, 128, 8, 1), (16, 128, 8, 3), (64, 128, 8, 2)),
+    128: ((32, 128, 8, 2), (16, 128, 8, 2), (64, 128, 8, 1), (32, 64, 8, 2)),
+    256: ((16, 64, 8, 2), (16, 32, 4, 2)),
+}
+_DQ_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    32: ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
+    64: ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
+    128: ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2)),
+    256: ((128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)),
+}
+# BLOCK_M != BLOCK_N on purpose: the CPU tests then exercise the general mask bounds.
+_INTERPRETER_DKDV = (32, 64, 4, 1)
+_INTERPRETER_DQ = (64, 32, 4, 1)
 
 
-def _fits(cfg: triton.Config, block_d: int, rows_kept: int) -> bool:
-    """Register budget. rows_kept 0: the program keeps (BLOCK_N, D) tiles (dK/dV), 1: a
-    (BLOCK_M, D) tile (dQ). Large head dims need small tiles and shallow pipelines."""
-    m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    kept = n if rows_kept == 0 else m
-    if block_d >= 256:
-        return kept <= 64 and m * n <= 64 * 64 and cfg.num_stages <= 2
-    if block_d >= 128:
-        return kept <= 128 and m * n <= 128 * 64
-    return True
+def _table_configs(table, block_d: int) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [_cfg(*(_INTERPRETER_DKDV if table is _DKDV_TABLE else _INTERPRETER_DQ))]
+    return [_cfg(*c) for c in table[min(max(block_d, 32), 256)]]
+
+
+def _all_configs(table) -> list[triton.Config]:
+    if interpreter_enabled():
+        return _table_configs(table, 64)
+    seen = dict.fromkeys(c for entries in table.values() for c in entries)
+    return [_cfg(*c) for c in seen]
+
+
+def _key(c: triton.Config) -> tuple[int, int, int, int]:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
 
 def _prune_configs_for_head_dim(configs, named_args, **kwargs):
+    """Keep the configs listed for this head dim (``_DKDV_TABLE`` / ``_DQ_TABLE``)."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    rows_kept = 0 if "DQ_ACC" in named_args else 1
-    return [c for c in configs if _fits(c, block_d, rows_kept)] or configs[-1:]
+    table = _DKDV_TABLE if "DQ_ACC" in named_args else _DQ_TABLE
+    wanted = {_key(c) for c in _table_configs(table, block_d)}
+    return [c for c in configs if _key(c) in wanted]
 
 
-def _pinned_config(configs, block_d: int, rows_kept: int) -> triton.Config | None:
+def _pinned_config(table, block_d: int) -> triton.Config | None:
     """The config to run without autotuning, or None to autotune.
 
-    ``FLASHMOE_ATTN_BWD_TUNE=0`` (or the forward's ``FLASHMOE_ATTN_AUTOTUNE=0``): the first
-    config that fits; ``FLASHMOE_ATTN_BWD_TUNE=<i>``: the i-th (if it fits). The interpreter
-    always runs its single config.
+    ``FLASHMOE_ATTN_BWD_TUNE``: ``1`` autotune, ``0`` the head dim's default config,
+    ``cfg<i>`` its i-th config (the default when there is no i-th). Unset, it follows the
+    forward's ``FLASHMOE_ATTN_AUTOTUNE`` (default on). The interpreter always runs its
+    single config.
     """
-    fitting = [c for c in configs if _fits(c, block_d, rows_kept)] or configs[-1:]
-    choice = os.environ.get("FLASHMOE_ATTN_BWD_TUNE", "").strip()
-    if interpreter_enabled() or choice == "0" or os.environ.get("FLASHMOE_ATTN_AUTOTUNE", "1").strip() == "0":
-        return fitting[0]
-    if choice.isdigit():
-        i = int(choice)
-        return configs[i] if i < len(configs) and configs[i] in fitting else fitting[0]
+    listed = _table_configs(table, block_d)
+    forward_switch = os.environ.get("FLASHMOE_ATTN_AUTOTUNE", "1").strip()
+    choice = os.environ.get("FLASHMOE_ATTN_BWD_TUNE", "0" if forward_switch == "0" else "1").strip()
+    if interpreter_enabled() or choice == "0":
+        return listed[0]
+    if choice.startswith("cfg") and choice[3:].isdigit():
+        i = int(choice[3:])
+        return listed[i] if i < len(listed) else listed[0]
     return None
 
 
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "IS_VARLEN"]
 _PRUNE = {"early_config_prune": _prune_configs_for_head_dim}
-_dkdv = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_k._bwd_dkdv)
+_dkdv = triton.autotune(configs=_all_configs(_DKDV_TABLE), key=_TUNE_KEY, prune_configs_by=_PRUNE)(
+    _k._bwd_dkdv
+)
 # The atomic variant accumulates into DQ_ACC, which must be zeroed before each tuning run.
 _dkdv_atomic = triton.autotune(
-    configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DQ_ACC"]
+    configs=_all_configs(_DKDV_TABLE), key=_TUNE_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DQ_ACC"]
 )(_k._bwd_dkdv)
-_dq = triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)(_k._bwd_dq)
+_dq = triton.autotune(configs=_all_configs(_DQ_TABLE), key=_TUNE_KEY, prune_configs_by=_PRUNE)(_k._bwd_dq)
 
 
-def _launch(tuned, rows_kept: int, grid, args, kwargs) -> None:
-    cfg = _pinned_config(tuned.configs, kwargs["BLOCK_D"], rows_kept)
+def _launch(tuned, table, grid, args, kwargs) -> None:
+    cfg = _pinned_config(table, kwargs["BLOCK_D"])
     if cfg is None:
         tuned[grid](*args, **kwargs)
     else:
@@ -200,7 +205,7 @@ def _run(do, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, 
         *_strides3(dk, varlen), *_strides3(dv, varlen), *dq_acc_strides,
         max_q, max_k, h_kv, group, scale,
     )  # fmt: skip
-    _launch(kernel, 0, grid_dkdv, args, dict(DQ_ATOMIC=atomic, **common))
+    _launch(kernel, _DKDV_TABLE, grid_dkdv, args, dict(DQ_ATOMIC=atomic, **common))
 
     if atomic:
         dq.copy_(dq_acc.mul_(scale))
@@ -215,7 +220,7 @@ def _run(do, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, 
         *_lse_strides(lse, varlen), *_lse_strides(delta, varlen), *_strides3(dq, varlen),
         max_q, max_k, h, group, scale,
     )  # fmt: skip
-    _launch(_dq, 1, grid_dq, args, common)
+    _launch(_dq, _DQ_TABLE, grid_dq, args, common)
     return dq, dk, dv
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -293,17 +293,10 @@ def _bwd_dkdv(
     qk_scale_log2 = scale * LOG2E
     diag_off = seqlen_k - seqlen_q
     if CAUSAL:
-        # First query row that sees key start_n, rounded down to a block; rows from m_full on
-        # see every key of this block, so only [m_lo, m_full) needs the mask.
-        first_row = tl.maximum(start_n - diag_off, 0)
-        m_lo = (first_row // BLOCK_M) * BLOCK_M
-        need = tl.maximum(start_n + BLOCK_N - 1 - diag_off - m_lo, 0)
-        m_full = m_lo + tl.cdiv(need, BLOCK_M) * BLOCK_M
-        m_mask_hi = tl.minimum(m_full, seqlen_q)
+        # Query blocks above the first row that sees key start_n are fully hidden: skipped.
+        m_lo = (tl.maximum(start_n - diag_off, 0) // BLOCK_M) * BLOCK_M
     else:
         m_lo = 0
-        m_full = 0
-        m_mask_hi = 0
     for g in range(GROUP):
         hq = hk * GROUP + g
         q_ptrs = (
@@ -325,18 +318,13 @@ def _bwd_dkdv(
             DELTA + b64 * stride_deltab + hq * stride_deltah + _row_offset(q_start, stride_deltas, IS_VARLEN)
         )
         dq_ptrs = DQ_ACC + b64 * stride_dqb + hq * stride_dqh + _row_offset(q_start, stride_dqs, IS_VARLEN)
-        if CAUSAL:
-            dk, dv = _dkdv_inner(
-                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs,
-                stride_qs, stride_dos, stride_ls, stride_deltas, stride_dqs,
-                offs_n, offs_d, m_lo, m_mask_hi, seqlen_q, seqlen_k, diag_off, qk_scale_log2,
-                HEAD_DIM, BLOCK_D, BLOCK_M, True, DQ_ATOMIC,
-            )  # fmt: skip
+        # One loop instance (the mask is applied to every block when CAUSAL): a second,
+        # unmasked instance doubled the live ranges and spilled registers at D=128.
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs,
             stride_qs, stride_dos, stride_ls, stride_deltas, stride_dqs,
-            offs_n, offs_d, m_full, seqlen_q, seqlen_q, seqlen_k, diag_off, qk_scale_log2,
-            HEAD_DIM, BLOCK_D, BLOCK_M, False, DQ_ATOMIC,
+            offs_n, offs_d, m_lo, seqlen_q, seqlen_q, seqlen_k, diag_off, qk_scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, CAUSAL, DQ_ATOMIC,
         )  # fmt: skip
     dk = dk * scale
     _store_rows(
