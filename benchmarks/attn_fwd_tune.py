@@ -127,6 +127,17 @@ def all_jobs(phases):
     if "peers" in phases and os.environ.get("FLASHMOE_ATTN_AUTOTUNE", "1") == "0":
         for b, h, h_kv, s, d, causal in PEER_CASES:
             jobs.append(((b, h, h_kv, s, s, d, causal), None, None))
+    if "harness" in phases:
+        # Every autotune candidate of the harness's cases, so its tuning only benchmarks.
+        from benchmarks.cases.attention import SUITES
+        from flashmoe_science.ops.attention import launch
+
+        for c in SUITES[os.environ.get("ATTN_SUITE", "issue4")].cases:
+            d_pad = launch._head_dim_pad(c.head_dim)
+            bucket = launch._seq_bucket(c.seqlen_q, c.seqlen_k)
+            for cfg in launch._candidates(d_pad, c.causal, bucket):
+                shape = (c.batch, c.heads_q, c.heads_kv, c.seqlen_q, c.seqlen_k, c.head_dim, c.causal)
+                jobs.append((shape, cfg, None))
     # Longest compiles first (big head dims), so the pool's tail is short.
     jobs.sort(key=lambda j: -j[0][5])
     return jobs
@@ -312,7 +323,7 @@ def main():
     m = meta(command)
     print("[meta]", m, flush=True)
     failed = {}
-    if "precompile" in phases:
+    if "precompile" in phases or "harness" in phases:
         failed = phase_precompile(all_jobs(phases), args.workers)
     if "check" in phases:
         phase_check()

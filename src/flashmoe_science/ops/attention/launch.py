@@ -27,27 +27,30 @@ _LOG2E = 1.4426950408889634
 
 # (BLOCK_M, BLOCK_N, num_stages, num_warps) per (padded head dim, causal, sequence class),
 # best first: the first is the untuned default, the rest is what the autotuner also tries.
-# Measured on an H100 (docs/attention_fwd.md). Causal prefers BLOCK_M 64: the diagonal
-# blocks are a smaller share of the work and the grid has more programs to balance.
+# Measured on an H100 (docs/attention_fwd.md): BLOCK_M 64 with 4 warps and 3 stages won at
+# D 64 and 128, full and causal, 1k and 4k (D128 4k full: 496 TFLOP/s vs 456 for 128x128x8
+# warps). Two such programs fit one SM (112 KB shared memory each at D 128), so one's
+# softmax overlaps the other's MMAs; 128x128 with 8 warps holds a whole SM alone (204
+# registers/thread, 12.5% occupancy in Nsight Compute).
 _Cfg = tuple[int, int, int, int]
 _LONG: dict[tuple[int, bool], tuple[_Cfg, ...]] = {
-    (32, False): ((128, 64, 3, 8), (64, 64, 3, 4), (128, 64, 3, 4)),
-    (32, True): ((64, 64, 3, 4), (128, 64, 3, 8), (64, 64, 4, 4)),
-    (64, False): ((128, 64, 3, 8), (64, 64, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4)),
-    (64, True): ((64, 64, 3, 4), (128, 64, 3, 8), (64, 64, 4, 4)),
-    (128, False): ((128, 128, 3, 8), (128, 64, 3, 8), (64, 64, 3, 4), (128, 128, 2, 8)),
-    (128, True): ((64, 64, 3, 4), (128, 64, 3, 8), (128, 128, 3, 8), (64, 64, 4, 4)),
+    (32, False): ((64, 64, 3, 4), (128, 64, 3, 8), (128, 64, 3, 4)),
+    (32, True): ((64, 64, 3, 4), (128, 64, 3, 8), (64, 32, 3, 4)),
+    (64, False): ((64, 64, 3, 4), (128, 64, 3, 8), (128, 64, 3, 4), (64, 64, 4, 4)),
+    (64, True): ((64, 64, 3, 4), (64, 64, 4, 4), (128, 64, 3, 4), (64, 32, 3, 4)),
+    (128, False): ((64, 64, 3, 4), (128, 128, 3, 8), (64, 64, 2, 4), (64, 32, 3, 4)),
+    (128, True): ((64, 64, 3, 4), (128, 128, 3, 8), (64, 64, 2, 4), (64, 32, 3, 4)),
     (256, False): ((128, 64, 2, 8), (64, 64, 2, 4), (64, 32, 3, 4)),
     (256, True): ((64, 64, 2, 4), (128, 64, 2, 8), (64, 32, 3, 4)),
 }
-# Sequences <= 1k: small query blocks give more programs to fill 132 SMs.
+# Sequences <= 1k.
 _SHORT: dict[tuple[int, bool], tuple[_Cfg, ...]] = {
     (32, False): ((64, 64, 3, 4), (64, 32, 3, 4), (128, 64, 3, 8)),
     (32, True): ((64, 64, 3, 4), (64, 32, 3, 4)),
     (64, False): ((64, 64, 3, 4), (64, 32, 3, 4), (128, 64, 3, 8)),
     (64, True): ((64, 64, 3, 4), (64, 32, 3, 4)),
-    (128, False): ((64, 64, 3, 4), (128, 64, 3, 8), (64, 32, 3, 4), (128, 128, 3, 8)),
-    (128, True): ((64, 64, 3, 4), (64, 32, 3, 4), (128, 64, 3, 8)),
+    (128, False): ((64, 64, 3, 4), (128, 128, 3, 8), (64, 32, 3, 4)),
+    (128, True): ((64, 64, 3, 4), (128, 128, 3, 8), (64, 32, 3, 4)),
     (256, False): ((64, 64, 2, 4), (64, 32, 3, 4), (128, 64, 2, 8)),
     (256, True): ((64, 64, 2, 4), (64, 32, 3, 4)),
 }
@@ -168,7 +171,7 @@ def _pick_mode(requested, q, k, v, out, row_strides) -> int:
     """0 pointers, 1 per-program descriptors, 2 host descriptors over a row view (see fwd)."""
     if requested is None:
         on_hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-        requested = _DEFAULT_MODE if (on_hopper or interpreter_enabled()) else 0
+        requested = _DEFAULT_MODE[q.shape[-1]] if (on_hopper or interpreter_enabled()) else 0
     requested = int(requested)
     if requested == 0 or not _tma_ok(q, k, v, out):
         return 0
@@ -178,9 +181,11 @@ def _pick_mode(requested, q, k, v, out, row_strides) -> int:
     return 2 if (requested == 2 and host_ok) else 1
 
 
-# Measured on the H100 (docs/attention_fwd.md): host descriptors where the layout allows,
-# per-program descriptors otherwise.
-_DEFAULT_MODE = 2
+# Load mode per head dim, measured on the H100 (docs/attention_fwd.md), BLOCK 64x64:
+# D128 4k full: pointers 423, per-program descriptors 477, host descriptors 496 TFLOP/s;
+# D64 4k full: 400 / 367 / 368 and causal 327 / 290 / 279, so D <= 64 keeps pointer loads.
+# A host descriptor needs the row view (D == D_PAD); mode 2 falls back to 1 otherwise.
+_DEFAULT_MODE = {32: 0, 64: 0, 96: 1, 128: 2, 256: 2}
 
 
 def _launch(
