@@ -371,6 +371,12 @@ def bench(out_dir: str, sha: str, fwd_bwd: bool = True) -> None:
             f"{atom / cud:8.2f} | {fb:6.1f} {fbc:6.1f} {fb / fbc:5.2f} | {same}"
         )
     os.makedirs(out_dir, exist_ok=True)
+    # The dQ strategy that won more cases (backward time), for a follow-up run to use.
+    atomic_wins = sum(1 for line in table if line[2] > line[1])
+    best = "atomic" if 2 * atomic_wins > len(table) else "separate"
+    print(f"dQ strategy: atomic faster in {atomic_wins}/{len(table)} cases -> {best}", flush=True)
+    with open(os.path.join(out_dir, "best_dq_mode.txt"), "w") as f:
+        f.write(best)
     path = os.path.join(out_dir, f"attention_bwd_{meta['date']}_{sha[:8]}.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
