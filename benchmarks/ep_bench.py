@@ -22,8 +22,10 @@ Rows (rank 0 writes one JSON file, DESIGN.md's results shape): ``op`` is ``moe_e
 ``impl`` is ``flashmoe_ep`` (or ``flashmoe``, the dense baseline); ``case`` carries
 ``tokens`` (per rank), ``hidden``, ``ffn``, ``experts``, ``top_k``, ``dtype``, ``ep_size``,
 ``world_size``; each row also has ``ms``, ``tokens_per_s`` (global),
-``tokens_per_s_per_gpu``, ``max_over_mean_load`` (the busiest EP rank's rows over the
-mean, averaged over the steps), ``check_rel_err`` and ``status``.
+``tokens_per_s_per_gpu``, ``tflops`` (expert GEMMs of all ranks), ``max_over_mean_load``
+(the busiest EP rank's rows over the mean, averaged over the steps), ``check_rel_err``,
+``backend``, ``nccl`` (CUDA) and ``status``.
+``meta`` has exactly the harness's keys; its ``command`` starts with the NVLS switches.
 
 CPU smoke test (gloo; numbers meaningless, checks that the script runs)::
 
@@ -36,9 +38,8 @@ from __future__ import annotations
 import os
 
 # NVLink multicast off (before torch / NCCL are imported or initialised).
-os.environ["NCCL_NVLS_ENABLE"] = "0"
-os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
-os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+os.environ.update(NVLS_OFF)
 
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
@@ -124,16 +125,12 @@ def _meta(args, world: int) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "nccl": _nccl_version() if cuda else None,
-        "world_size": world,
-        "backend": dist.get_backend(),
         "date": _dt.date.today().isoformat(),
-        "command": "torchrun --nproc_per_node={} {}".format(world, " ".join(sys.argv)),
+        # The NVLS switches are part of how the numbers were made: in the command line.
+        "command": " ".join(
+            [f"{k}={os.environ[k]}" for k in NVLS_OFF] + [f"torchrun --nproc_per_node={world}", *sys.argv]
+        ),
         "git_sha": git_sha(),
-        "env": {
-            k: os.environ[k]
-            for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
-        },
     }
 
 
@@ -202,13 +199,19 @@ def _time_impl(args, impl, mod, x, g, case, err, ok, device) -> list[dict]:
     for op, fn in (("moe_ep_fwd", fwd), ("moe_ep_fwd_bwd", fwd_bwd)):
         if op not in args.ops.split(","):
             continue
-        row = {"op": op, "impl": impl, "case": case, "check_rel_err": err}
+        row = {"op": op, "impl": impl, "case": case, "check_rel_err": err, "backend": dist.get_backend()}
+        if device.type == "cuda":
+            row["nccl"] = _nccl_version()
         if not ok:
             row.update(status="failed", ms=None, note=f"relative L2 error {err:.3e} vs dense layer")
             rows.append(row)
             continue
         loads.clear()
         sec = _time(fn, args.iters, args.warmup, device)
+        # Expert GEMM FLOPs of all ranks: 6*H*F per (token, k) forward (gate_up 4HF, down
+        # 2HF), x3 with backward; router and all-to-alls not counted.
+        flops = world * args.tokens_per_rank * args.top_k * 6 * args.hidden * args.ffn
+        flops *= 3 if op == "moe_ep_fwd_bwd" else 1
         imbalance = (
             torch.stack([ld.double().max() / ld.double().mean() for ld in loads]).mean().item()
             if loads
@@ -217,6 +220,7 @@ def _time_impl(args, impl, mod, x, g, case, err, ok, device) -> list[dict]:
         row.update(
             status="ok",
             ms=sec * 1e3,
+            tflops=flops / sec / 1e12,
             tokens_per_s=world * args.tokens_per_rank / sec,
             tokens_per_s_per_gpu=args.tokens_per_rank / sec,
             max_over_mean_load=imbalance,
