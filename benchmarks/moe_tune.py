@@ -189,7 +189,7 @@ def section_fwd(args):
 def section_prof(args):
     from torch.profiler import ProfilerActivity, profile
 
-    for shape, t in (("B", 4096), ("C", 8192), ("A", 4096)):
+    for shape, t in [(c[0], int(c[1:])) for c in args.fwd_cases.split(",")]:
         x, w1, w2, logits, k = make(t, shape)
         leaves = [v.clone().requires_grad_() for v in (x, w1, w2, logits)]
         dy = torch.randn_like(x)
@@ -325,7 +325,7 @@ def section_tiny(args):
 
 def tuned_configs():
     out = []
-    for (name, _), tuner in launch._TUNED.items():
+    for (name, *_), tuner in launch._TUNED.items():
         for key, cfg in getattr(tuner, "cache", {}).items():
             out.append(f"{name} {key[:3]}: {cfg}")
     return out

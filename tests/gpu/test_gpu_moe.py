@@ -80,7 +80,8 @@ EXPERT_CASES = [
     pytest.param(8, 2048, 768, 128, 8, None, "silu", id="decode-B-T=8"),
     pytest.param(1500, 1024, 768, 128, 8, None, "silu", id="fine-grained-large"),
     pytest.param(1024, 1000, 360, 8, 2, None, "silu", id="H-F-not-block-multiples"),
-    pytest.param(4096, 512, 256, 16, 2, [7], "silu", id="large-all-to-one"),
+    pytest.param(4096, 512, 256, 16, 2, [7, 8], "silu", id="large-all-tokens-to-two-experts"),
+    pytest.param(4096, 512, 256, 16, 1, [7], "silu", id="large-all-to-one"),
     pytest.param(3000, 512, 384, 32, 4, None, "gelu", id="large-gelu"),
 ]
 

@@ -15,7 +15,7 @@ Backward: ``gate_up_kernel`` (STORE_H) recomputes gate/up pre-activations h (R, 
 import triton
 import triton.language as tl
 
-_SQRT_2_OVER_PI = 0.7978845608028654
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi); a constexpr global so jit code may read it
 
 
 @triton.jit
