@@ -298,6 +298,9 @@ def section_warm(args):
         if shape in ("B", "C") and t <= 8192:
             leaves = [v.clone().requires_grad_() for v in (x, w1, w2, logits)]
             torch.autograd.grad(fused_moe(*leaves, top_k=k), leaves, torch.randn_like(x))
+            leaves = None
+        x = w1 = w2 = logits = None  # free before the next shape: several warm-ups share the GPU
+        torch.cuda.empty_cache()
     for shape in ("B", "C"):
         for t in (1, 8, 64):
             x, w1, w2, logits, k = make(t, shape)
