@@ -352,11 +352,15 @@ def bench(out_dir: str, sha: str, fwd_bwd: bool = True) -> None:
     print(f"# {dev} torch {torch.__version__} triton {triton.__version__} cudnn {meta['cudnn']}", flush=True)
     os.environ["FLASHMOE_ATTN_BWD_TUNE"] = "1"  # tune the backward even where the forward is pinned
     rows, table = [], []
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"attention_bwd_{meta['date']}_{sha[:8]}.json")
     for case in CASES:
         try:
             table.append(_bench_case(*case, rows, fwd_bwd=fwd_bwd))
         except Exception as e:  # keep the other cases' numbers
             print(f"{case[0]}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        with open(path, "w") as f:  # after every case: a run cut short keeps what it measured
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
         _sync()
         if not DRY["on"]:
             torch.cuda.empty_cache()
@@ -370,16 +374,12 @@ def bench(out_dir: str, sha: str, fwd_bwd: bool = True) -> None:
             f"{n:20s} {sep:7.1f} {atom:7.1f} {fa2:6.1f} {cud:6.1f} | {sep / fa2:6.2f} {sep / cud:8.2f} "
             f"{atom / cud:8.2f} | {fb:6.1f} {fbc:6.1f} {fb / fbc:5.2f} | {same}"
         )
-    os.makedirs(out_dir, exist_ok=True)
     # The dQ strategy that won more cases (backward time), for a follow-up run to use.
     atomic_wins = sum(1 for line in table if line[2] > line[1])
     best = "atomic" if 2 * atomic_wins > len(table) else "separate"
     print(f"dQ strategy: atomic faster in {atomic_wins}/{len(table)} cases -> {best}", flush=True)
     with open(os.path.join(out_dir, "best_dq_mode.txt"), "w") as f:
         f.write(best)
-    path = os.path.join(out_dir, f"attention_bwd_{meta['date']}_{sha[:8]}.json")
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"wrote {path}", flush=True)
 
 
