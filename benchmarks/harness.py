@@ -49,6 +49,8 @@ ALL_OPS = (
     "moe_fwd",
     "moe_fwd_bwd",
     "moe_decode",
+    "moe_ep_fwd",  # expert parallelism (benchmarks/ep_bench.py)
+    "moe_ep_fwd_bwd",
 )
 MAIN_IMPL = "flashmoe"
 META_KEYS = ("device", "torch", "triton", "cudnn", "date", "command", "git_sha")

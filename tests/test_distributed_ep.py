@@ -283,9 +283,8 @@ def _case_bench_smoke(rank: int, world: int) -> None:
             assert table.getvalue().count(" ok") == 6, table.getvalue()  # 2 ops x (ep 1: 2 impls, ep 2)
             from benchmarks import harness
 
-            # The harness's schema, except that it does not list the EP ops (yet).
             problems = harness.validate_results(json.loads(out.read_text()))
-            assert [p for p in problems if "unknown op 'moe_ep_" not in p] == [], problems
+            assert problems == [], problems
     assert os.environ["NCCL_NVLS_ENABLE"] == "0"
 
 
