@@ -69,9 +69,9 @@ def test_short_training_lowers_the_loss(tmp_path):
     ds = _small_gap()
     cfg = TrainConfig(epochs=6, batch_size=64, lr=3e-3, progress=False, model=TINY, patience=100)
     result = fit(ds, "band_gap", cfg, checkpoint_dir=tmp_path)
-    nll = [h["train_nll"] for h in result.history]
-    assert len(nll) == 6
-    assert nll[-1] < nll[0] - 0.2, nll
+    loss = [h["train_loss"] for h in result.history]
+    assert len(loss) == 6
+    assert loss[-1] < loss[0] - 0.2, loss
     assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
     model, task = load_model(tmp_path / "best.pt")
     mean, std = predict(model, pack_formulas(ds.formulas[:10]), task)
@@ -88,7 +88,7 @@ def test_resume_continues_exactly(tmp_path):
     resumed = fit(ds, "band_gap", cfg, checkpoint_dir=tmp_path / "b", resume=True)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     np.testing.assert_allclose(
-        [h["train_nll"] for h in resumed.history], [h["train_nll"] for h in full.history], rtol=1e-5
+        [h["train_loss"] for h in resumed.history], [h["train_loss"] for h in full.history], rtol=1e-5
     )
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .data import MaterialsDataset
 from .featurize import PackedCompositions, pack_formulas
-from .model import CompositionTransformer, laplace_nll, model_from_config
+from .model import CompositionTransformer, model_from_config, regression_loss
 
 TASK_OF_DATASET = {"expt_gap": "band_gap", "mp_gap": "band_gap", "superconductors": "tc"}
 
@@ -249,7 +249,7 @@ def fit(
             prec.to_work()
             batch = packed_train.select(b).to_torch(device)
             mu, log_b = prec.work(batch)[task]
-            loss = laplace_nll(mu, log_b, y[b].to(device))
+            loss = regression_loss(mu, log_b, y[b].to(device))
             total_loss = loss + cfg.aux_weight * prec.work.aux_loss.to(loss.device)
             total_loss.backward()
             prec.grads_to_master()
@@ -263,7 +263,7 @@ def fit(
         prec.to_work()
         val_pred, _ = predict(prec.work, packed_val, task)
         val_mae = float(np.mean(np.abs(np.maximum(val_pred, 0.0) - val.targets)))
-        history.append({"epoch": epoch, "train_nll": float(np.mean(losses)), "val_mae": val_mae})
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_mae": val_mae})
         if val_mae < best["mae"]:
             best = {
                 "mae": val_mae,
@@ -277,7 +277,7 @@ def fit(
             torch.save(_state(model, optimizer, scheduler, epoch, best, history, rng, cfg), ckdir / "last.pt")
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(nll=f"{history[-1]['train_nll']:.3f}", val_mae=f"{val_mae:.3f}")
+            bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", val_mae=f"{val_mae:.3f}")
         elapsed = (time.perf_counter() - t0) / 60
         if epoch - best["epoch"] >= cfg.patience:
             break
