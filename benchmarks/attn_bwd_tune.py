@@ -5,6 +5,7 @@ Modes (one GPU; run from the repo root with ``PYTHONPATH=src``):
   python benchmarks/attn_bwd_tune.py --precompile 8   # compile every config, 8 processes
   python benchmarks/attn_bwd_tune.py --bench --out DIR  # tune, check, time; JSON in DIR
   python benchmarks/attn_bwd_tune.py --tiny             # tiny shapes (compute-sanitizer)
+  python benchmarks/attn_bwd_tune.py --ptxas 64,128     # no GPU: sm_90 registers/spills per config
 
 The forward's out/lse come from PyTorch's flash kernel (``aten._scaled_dot_product_flash_
 attention``, natural-log lse), so the backward is checked and timed on its own. Peers:
@@ -122,6 +123,66 @@ def precompile(workers: int) -> None:
         for line in ex.map(_precompile_job, jobs):
             print(line, flush=True)
     print(f"precompile: {len(jobs)} jobs in {time.time() - t0:.1f}s", flush=True)
+
+
+# ------------------------------------------------------------------ ptxas (no GPU needed)
+def ptxas_report(head_dims) -> None:
+    """Compile every listed config for sm_90 on this (CPU) machine and print ptxas's register
+    and spill counts: how the config tables in launch_bwd were chosen."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as tcompile
+
+    from flashmoe_science.ops.attention import launch_bwd
+    from flashmoe_science.ops.attention.kernels import bwd as kern
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    tensors = {"Q", "K", "V", "DO", "DK", "DV", "DQ"}
+
+    def signature(fn, const):
+        sig, attrs = {}, {}
+        for i, n in enumerate(fn.arg_names):
+            if n in const:
+                sig[n] = "constexpr"
+                continue
+            sig[n] = ("*bf16" if n in tensors else "*fp32" if n in ("LSE", "DELTA", "DQ_ACC")
+                      else "*i32" if n.startswith("cu_") else "fp32" if n == "scale" else "i32")  # fmt: skip
+            if sig[n].startswith("*") or (n.startswith("stride") and not n.endswith(("_ls", "_deltas"))):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as for contiguous (B, H, S, D) inputs
+        return sig, attrs
+
+    for d in head_dims:
+        bd = triton.next_power_of_2(d)
+        for causal in (False, True):
+            for name, fn, table, extra in (
+                ("dkdv", kern._bwd_dkdv, launch_bwd._DKDV_TABLE, {"DQ_ATOMIC": False}),
+                ("dkdv_atomic", kern._bwd_dkdv, launch_bwd._DKDV_TABLE, {"DQ_ATOMIC": True}),
+                ("dq", kern._bwd_dq, launch_bwd._DQ_TABLE, {}),
+            ):
+                for m, n, w, st in table[min(max(bd, 32), 256)]:
+                    const = dict(
+                        HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, IS_VARLEN=False, BLOCK_M=m, BLOCK_N=n, **extra
+                    )
+                    sig, attrs = signature(fn, const)
+                    try:
+                        src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+                        opts = {"num_warps": w, "num_stages": st}
+                        k = tcompile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+                        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                            f.write(k.asm["ptx"])
+                        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                                             capture_output=True, text=True).stderr  # fmt: skip
+                        regs = re.findall(r"Used (\d+) registers", log)[-1]
+                        spill = re.findall(r"(\d+) bytes spill stores", log)[-1]
+                        res = f"regs {regs} spill-stores {spill} B smem {k.metadata.shared} B"
+                    except Exception as e:  # a config that does not compile is data
+                        res = f"FAIL {type(e).__name__}: {str(e)[:200]}"
+                    print(f"D={d} causal={causal} {name} M{m}N{n}w{w}s{st}: {res}", flush=True)
 
 
 # ------------------------------------------------------------------ tiny (sanitizer)
@@ -245,6 +306,7 @@ def _bench_case(name, b, h, h_kv, s, d, causal, rows, fwd_bwd=True):
             "case": case,
             "ms": round(ms, 4),
             "tflops": round(mult * flops / ms / 1e9, 1),
+            "status": "ok",
         }
         rows.append({**row, **(extra or {})})
 
@@ -343,11 +405,10 @@ def bench(out_dir: str, sha: str, fwd_bwd: bool = True) -> None:
         "triton": triton.__version__,
         "cudnn": torch.backends.cudnn.version(),
         "date": datetime.date.today().isoformat(),
-        "command": "PYTHONPATH=src python benchmarks/attn_bwd_tune.py --bench",
+        "command": "PYTHONPATH=src python benchmarks/attn_bwd_tune.py --bench  # backward-only timings: "
+        "autograd.grad on a retained graph (SDPA) / launch_bwd (flashmoe, out/lse from aten flash forward); "
+        "fwd+bwd: public API with the forward's untuned default config (FLASHMOE_ATTN_AUTOTUNE=0)",
         "git_sha": sha,
-        "notes": "backward-only timings: autograd.grad on a retained graph (SDPA) / launch_bwd "
-        "(flashmoe, out/lse from aten flash forward); fwd+bwd: public API with the forward's "
-        "untuned default config (FLASHMOE_ATTN_AUTOTUNE=0); SDPA fwd+bwd with the same backend",
     }
     print(f"# {dev} torch {torch.__version__} triton {triton.__version__} cudnn {meta['cudnn']}", flush=True)
     os.environ["FLASHMOE_ATTN_BWD_TUNE"] = "1"  # tune the backward even where the forward is pinned
@@ -390,6 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--sha", default=os.environ.get("GIT_SHA", "unknown"))
+    p.add_argument("--ptxas", default=None, metavar="D,D", help="sm_90 register/spill report, no GPU needed")
     p.add_argument("--no-fwd-bwd", action="store_true", help="skip the forward+backward timings")
     p.add_argument("--dry-run", action="store_true", help="CPU interpreter, tiny shapes: checks this script")
     a = p.parse_args(argv)
@@ -397,6 +459,9 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         DRY["on"], DEV["d"] = True, "cpu"
         CASES[:] = [(n, 1, h // 8 or 1, hk // 8 or 1, 64, d, c) for n, b, h, hk, s, d, c in CASES[-3:]]
+    if a.ptxas:
+        os.environ.pop("TRITON_INTERPRET", None)
+        ptxas_report([int(x) for x in a.ptxas.split(",")])
     if a.precompile:
         precompile(a.precompile)
     if a.tiny:

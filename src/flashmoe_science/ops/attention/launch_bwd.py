@@ -34,7 +34,9 @@ import triton
 from ..._backend import interpreter_enabled
 from .kernels import bwd as _k
 
-# Measured choice (see docs/attention_bwd.md); "separate" is also the deterministic path.
+# Measured (H100, bf16, 16k tokens, 7 cases, docs/attention_bwd.md): the separate dQ kernel
+# was faster than atomics in 7/7 cases (atomic 1.07-1.22x slower), and it is the
+# deterministic path, so determinism costs nothing.
 _DEFAULT_DQ_MODE = "separate"
 _MAX_HEAD_DIM = 256
 _PRE_BLOCK_M = 64
@@ -46,19 +48,22 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
 
 # (BLOCK_M, BLOCK_N, warps, stages) per padded head dim; the first is the untuned default.
 # dK/dV keeps two (BLOCK_N, D) float32 accumulators in registers and streams (BLOCK_M, D)
-# tiles of Q and dO; dQ keeps one (BLOCK_M, D). The lists hold the configs that ptxas
-# compiles for sm_90 with no (or < 128 bytes of) register spills (offline compile of these
-# kernels, 2026-11-25; see docs/attention_bwd.md); the GPU autotuner picks among them.
+# tiles of Q and dO; dQ keeps one (BLOCK_M, D). The lists were chosen from ptxas register
+# spill counts of an offline sm_90 compile of these kernels (2026-11-25, docs/attention_bwd.md:
+# a first list spilled 200-3500 bytes at D=128; these spill 0-140); the GPU autotuner picks. On
+# the H100 it chose dK/dV (64, 128, 8, 1) at D=128 and (64, 128, 8, 2) / (64, 128, 8, 1) at
+# D=64 full / causal, dQ (128, 64, 8, 3) (D=64 causal: (64, 64, 4, 3)); those winners are
+# listed first. D=32 and D=256 were not timed (their lists only compile without spills).
 _DKDV_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    32: ((32, 128, 8, 2), (64, 128, 8, 1), (16, 128, 8, 3), (64, 128, 8, 2)),
-    64: ((32, 128, 8, 2), (64, 128, 8, 1), (16, 128, 8, 3), (64, 128, 8, 2)),
-    128: ((32, 128, 8, 2), (16, 128, 8, 2), (64, 128, 8, 1), (32, 64, 8, 2)),
+    32: ((64, 128, 8, 2), (64, 128, 8, 1), (32, 128, 8, 2), (16, 128, 8, 3)),
+    64: ((64, 128, 8, 2), (64, 128, 8, 1), (32, 128, 8, 2), (16, 128, 8, 3)),
+    128: ((64, 128, 8, 1), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2)),
     256: ((16, 64, 8, 2), (16, 32, 4, 2)),
 }
 _DQ_TABLE: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    32: ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
-    64: ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
-    128: ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2)),
+    32: ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)),
+    64: ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)),
+    128: ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)),
     256: ((128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)),
 }
 # BLOCK_M != BLOCK_N on purpose: the CPU tests then exercise the general mask bounds.
