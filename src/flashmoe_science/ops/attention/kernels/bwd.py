@@ -18,8 +18,10 @@ Three kernels, launched by ``launch_bwd``:
 Numerics: P is recomputed from the forward's lse (natural log) converted to the log2
 domain, so P = exp2(S * scale * log2(e) - lse * log2(e)). A row with lse = -inf saw no key;
 it is given lse2 = +inf so that P = 0 and it contributes nothing. Causal masking is
-bottom-right aligned (query i sees key j <= i + S_k - S_q); only blocks that straddle the
-diagonal pay for the mask and fully hidden blocks are never visited.
+bottom-right aligned (query i sees key j <= i + S_k - S_q); fully hidden blocks are never
+visited. In ``_bwd_dq`` only the blocks that straddle the diagonal pay for the mask; in
+``_bwd_dkdv`` every visited block applies it (one loop instance: a second, unmasked one
+spilled registers at D=128 in the sm_90 compile, see docs/attention_bwd.md).
 
 Varlen (``IS_VARLEN``): the batch index selects ``cu_seqlens`` offsets; tensors are packed
 (T, H, D) and are passed with a batch stride of 0. Programs past the end of a sequence
