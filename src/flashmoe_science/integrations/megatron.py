@@ -13,7 +13,8 @@
   call with top-1 ids ``repeat_interleave(arange(E), tokens_per_expert)``. SwiGLU experts
   without bias only (``gated_linear_unit=True``, ``add_bias_linear=False``, silu).
   Weights in this library's layout: ``w_gate_up`` (E, 2F, H), ``w_down`` (E, H, F);
-  :meth:`FlashMoEExperts.load_sequential_mlp` copies them from a ``SequentialMLP``.
+  :meth:`FlashMoEExperts.load_sequential_mlp` copies them from a ``SequentialMLP``. With
+  expert parallelism it holds the local experts (untested: the CPU test runs world size 1).
 
 ``flashmoe_layer_spec(spec)`` returns a copy of a GPT layer ModuleSpec (e.g.
 ``get_gpt_layer_local_spec(num_experts=...)``) with both slots replaced.
@@ -137,7 +138,8 @@ class FlashMoEExperts(MegatronModule):
                 config.init_method(self.w_gate_up.data[e])
                 config.output_layer_init_method(self.w_down.data[e])
         for p in (self.w_gate_up, self.w_down):
-            p.allreduce = not ep > 1  # as Megatron's expert params: reduced over the DP group only
+            # As Megatron's GroupedMLP: under expert parallelism the expert-DP group reduces these.
+            p.allreduce = not ep > 1
 
     def forward(self, permuted_hidden: torch.Tensor, tokens_per_expert, permuted_probs: torch.Tensor):
         counts = torch.as_tensor(tokens_per_expert, device=permuted_hidden.device).long()
