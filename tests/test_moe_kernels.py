@@ -208,3 +208,24 @@ def test_fused_moe_router_gradient(triton_backend):
     assert_close_rule(y, y64, yp, name="y")
     for name, leaf, r, p in zip(("dx", "dw_gate_up", "dw_down", "d_logits"), leaves, g64, gp):
         assert_close_rule(leaf.grad, r, p, grad=True, name=name)
+
+
+def test_opcheck_kernel_path():
+    """torch.library.opcheck on the custom ops with use_kernel=True (the interpreter runs the
+    Triton launchers): schema, fake implementations vs real outputs, autograd registration,
+    AOT dispatch with dynamic shapes. tests/test_integrations_compile.py covers use_kernel=False."""
+    ops = torch.ops.flashmoe_science
+    t, e, k = 10, 4, 2
+    x = torch.randn(t, H).half().requires_grad_()
+    w1, w2 = (w.requires_grad_() for w in _weights(e))
+    tw = (torch.rand(t, k) + 0.1).requires_grad_()
+    ids = _random_ids(t, e, k)
+    logits = torch.randn(t, 8, requires_grad=True)
+    dy = torch.randn(t, H).half()
+    cases = [
+        (ops.route, (logits, 2, "softmax", True, None, None, None, True)),
+        (ops.experts_fwd, (x, w1, w2, tw, ids, "silu", True)),
+        (ops.experts_bwd, (dy, x.detach(), w1.detach(), w2.detach(), tw.detach(), ids, "silu", True)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
