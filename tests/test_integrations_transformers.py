@@ -14,13 +14,22 @@ from _numerics import assert_close_rule
 
 transformers = pytest.importorskip("transformers")
 
+from flashmoe_science._backend import interpreter_enabled  # noqa: E402
 from flashmoe_science.integrations import transformers as fmt  # noqa: E402
+from flashmoe_science.ops.attention import launch as attn_launch  # noqa: E402
+from flashmoe_science.ops.moe import launch as moe_launch  # noqa: E402
 
 VOCAB = 96
 
 
+def _cfg(cls, overrides, **defaults):
+    return cls(**{**defaults, **overrides})
+
+
 def _mixtral(**overrides):
-    cfg = transformers.MixtralConfig(
+    cfg = _cfg(
+        transformers.MixtralConfig,
+        overrides,
         vocab_size=VOCAB,
         hidden_size=48,
         intermediate_size=40,
@@ -31,13 +40,14 @@ def _mixtral(**overrides):
         num_experts_per_tok=2,
         max_position_embeddings=64,
         initializer_range=0.15,
-        **overrides,
     )
     return transformers.MixtralForCausalLM(cfg)
 
 
-def _qwen2_moe():
-    cfg = transformers.Qwen2MoeConfig(
+def _qwen2_moe(**overrides):
+    cfg = _cfg(
+        transformers.Qwen2MoeConfig,
+        overrides,
         vocab_size=VOCAB,
         hidden_size=48,
         intermediate_size=64,
@@ -55,8 +65,10 @@ def _qwen2_moe():
     return transformers.Qwen2MoeForCausalLM(cfg)
 
 
-def _qwen3_moe():
-    cfg = transformers.Qwen3MoeConfig(
+def _qwen3_moe(**overrides):
+    cfg = _cfg(
+        transformers.Qwen3MoeConfig,
+        overrides,
         vocab_size=VOCAB,
         hidden_size=48,
         intermediate_size=64,
@@ -74,8 +86,10 @@ def _qwen3_moe():
     return transformers.Qwen3MoeForCausalLM(cfg)
 
 
-def _deepseek_v3():
-    cfg = transformers.DeepseekV3Config(
+def _deepseek_v3(**overrides):
+    cfg = _cfg(
+        transformers.DeepseekV3Config,
+        overrides,
         vocab_size=VOCAB,
         hidden_size=48,
         intermediate_size=64,
@@ -115,10 +129,10 @@ MODELS = {
 }
 
 
-def _pair(name):
+def _pair(name, **overrides):
     """(float32 model, float64 copy), both with transformers' plain per-expert loop ("eager"):
     its default on CPU, grouped_mm, has no float64 kernel."""
-    model = MODELS[name]().eval()
+    model = MODELS[name](**overrides).eval()
     model.set_experts_implementation("eager")
     return model, copy.deepcopy(model).double()
 
@@ -147,6 +161,46 @@ def test_apply_matches_original_logits(name, pad):
     assert n_blocks == (1 if name == "deepseek_v3" else 2)
     real = mask.bool()  # padded positions are not compared (their logits are meaningless)
     assert_close_rule(out[real], ref64[real], ref32[real], name=f"{name} logits")
+
+
+# Head dims the attention kernel takes (32 here); float16, as the interpreter computes bf16 wrong.
+KERNEL_DIMS = {
+    "mixtral": dict(hidden_size=128),  # 4 heads x 32
+    "qwen2_moe": dict(hidden_size=128),
+    "qwen3_moe": dict(head_dim=32),
+    "deepseek_v3": dict(qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24),  # q/k 32, v 24
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_apply_runs_the_triton_kernels_under_the_interpreter(name, monkeypatch):
+    """FLASHMOE_BACKEND=triton + TRITON_INTERPRET=1: the adapter drives the real Triton kernels."""
+    if not interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
+    model, model64 = _pair(name, **KERNEL_DIMS[name])
+    model.half()
+    ids, mask = _batch()
+    calls = []
+
+    def spy(module, fn_name):
+        fn = getattr(module, fn_name)
+        monkeypatch.setattr(module, fn_name, lambda *a, **k: (calls.append(fn_name), fn(*a, **k))[1])
+
+    with torch.no_grad():
+        ref64 = model64(ids, attention_mask=mask).logits
+        ref16 = model(ids, attention_mask=mask).logits
+        fmt.apply(model)
+        for module, fn_name in (
+            (attn_launch, "attention_varlen_fwd"),
+            (moe_launch, "route"),
+            (moe_launch, "fused_experts_fwd"),
+        ):
+            spy(module, fn_name)
+        monkeypatch.setenv("FLASHMOE_BACKEND", "triton")
+        out = model(ids, attention_mask=mask).logits
+    assert {"attention_varlen_fwd", "route", "fused_experts_fwd"} <= set(calls), calls
+    real = mask.bool()
+    assert_close_rule(out[real], ref64[real], ref16[real], name=f"{name} fp16 logits (Triton, interpreted)")
 
 
 def test_apply_keeps_parameters_and_state_dict():
