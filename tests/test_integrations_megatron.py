@@ -28,9 +28,12 @@ from megatron.core.transformer.moe import moe_utils  # noqa: E402
 from megatron.core.transformer.spec_utils import build_module  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
+from flashmoe_science._backend import interpreter_enabled  # noqa: E402
 from flashmoe_science.integrations import megatron as fmm  # noqa: E402
+from flashmoe_science.ops.attention import launch as attn_launch  # noqa: E402
+from flashmoe_science.ops.moe import launch as moe_launch  # noqa: E402
 
-S, B, H = 24, 2, 64
+S, B, H = 24, 2, 128  # 4 heads of 32: a head dim the attention kernel takes
 
 
 @contextlib.contextmanager
@@ -135,20 +138,44 @@ def test_layer_forward_backward_matches_megatron(megatron_world):
         assert_close_rule(grads["o"][key], grads["r"][key], grads["p"][key], grad=True, name=key)
 
 
+def test_layer_runs_the_triton_kernels_under_the_interpreter(megatron_world, monkeypatch):
+    """float16, FLASHMOE_BACKEND=triton, TRITON_INTERPRET=1: our slots run the Triton kernels."""
+    if not interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
+    default, ours, default64 = _layers()
+    ours.half()
+    default.half()
+    x = torch.randn(S, B, H, dtype=torch.float64)
+    calls = []
+    for module, name in ((attn_launch, "attention_fwd"), (moe_launch, "fused_experts_fwd")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1]
+        )
+    with torch.no_grad():
+        ref64 = default64(x, attention_mask=_causal_mask())[0]
+        ref16 = default(x.half(), attention_mask=_causal_mask())[0]
+        monkeypatch.setenv("FLASHMOE_BACKEND", "triton")
+        out = ours(x.half(), attention_mask=_causal_mask())[0]
+    assert {"attention_fwd", "fused_experts_fwd"} <= set(calls), calls
+    assert_close_rule(out, ref64, ref16, name="fp16 layer output (Triton, interpreted)")
+
+
 def test_padding_mask_type_uses_the_mask(megatron_world):
     """A non-causal layer with an explicit key-padding mask (arbitrary mask path)."""
     from megatron.core.transformer.enums import AttnMaskType
 
     config = _config()
     attn = fmm.FlashMoECoreAttention(config, 1, AttnMaskType.padding, "self")
-    q = torch.randn(S, B, 4, 16, dtype=torch.float64)
-    k = torch.randn(S, B, 2, 16, dtype=torch.float64)
-    v = torch.randn(S, B, 2, 16, dtype=torch.float64)
+    d = H // 4
+    q = torch.randn(S, B, 4, d, dtype=torch.float64)
+    k = torch.randn(S, B, 2, d, dtype=torch.float64)
+    v = torch.randn(S, B, 2, d, dtype=torch.float64)
     mask = torch.zeros(B, 1, 1, S, dtype=torch.bool)
     mask[1, ..., -7:] = True  # the last 7 keys of row 1 are padding
     out = attn(q, k, v, mask)
     kk, vv = (t.permute(1, 2, 0, 3).repeat_interleave(2, dim=1) for t in (k, v))
-    ref = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), kk, vv, attn_mask=~mask, scale=0.25)
+    ref = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), kk, vv, attn_mask=~mask, scale=d**-0.5)
     torch.testing.assert_close(out, ref.permute(2, 0, 1, 3).reshape(S, B, -1))
 
 
