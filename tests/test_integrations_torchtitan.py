@@ -34,9 +34,12 @@ from torchtitan.models.qwen3 import (  # noqa: E402
     _qwen3_norm,
 )
 
+from flashmoe_science._backend import interpreter_enabled  # noqa: E402
 from flashmoe_science.integrations import torchtitan as fmtt  # noqa: E402
+from flashmoe_science.ops.attention import launch as attn_launch  # noqa: E402
+from flashmoe_science.ops.moe import launch as moe_launch  # noqa: E402
 
-VOCAB, DIM, HEAD_DIM = 96, 64, 16
+VOCAB, DIM, HEAD_DIM = 96, 64, 32  # head dim 32: one the attention kernel takes
 # TorchTitan's flex-attention masks use 128-token blocks; on CPU (eager flex) a sequence that
 # is not a multiple of 128 gave NaN / run-to-run different outputs from the default model, so
 # the comparison uses L = 128 (training sequences are block multiples anyway).
@@ -154,6 +157,35 @@ def test_forward_backward_matches_torchtitan(monkeypatch):
         assert_close_rule(grads["o"][key], grads["r"][key], grads["p"][key], grad=True, name=key)
     # Against TorchTitan's shipped default (bf16 grouped experts): at least as close to the oracle.
     assert (outs["o"] - outs["r"]).abs().max() <= (stock.double() - outs["r"]).abs().max()
+
+
+def test_swapped_model_runs_the_triton_kernels_under_the_interpreter(monkeypatch):
+    """float16, FLASHMOE_BACKEND=triton, TRITON_INTERPRET=1: our modules run the Triton kernels."""
+    if not interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest on machines without CUDA)")
+    default, ours = _models()
+    tokens, positions = _inputs()
+    monkeypatch.setattr(GroupedExperts, "forward", _plain_grouped_experts_forward)
+    monkeypatch.setattr(FlexAttention, "forward", _dense_flex_forward)
+    ref64 = _config().build()
+    ref64.init_states()
+    ref64.load_state_dict(default.state_dict())
+    ref64.double()
+    default.half()
+    ours.half()
+    calls = []
+    for module, name in ((attn_launch, "attention_varlen_fwd"), (moe_launch, "fused_experts_fwd")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1]
+        )
+    with torch.no_grad():
+        r = _forward(ref64, tokens, positions)
+        p = _forward(default, tokens, positions)
+        monkeypatch.setenv("FLASHMOE_BACKEND", "triton")
+        o = _forward(ours, tokens, positions)
+    assert {"attention_varlen_fwd", "fused_experts_fwd"} <= set(calls), calls
+    assert_close_rule(o, r, p, name="fp16 logits (Triton, interpreted)")
 
 
 def test_fsdp2_world_size_1_gloo():
