@@ -45,6 +45,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs: int) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--trees", type=int, default=300, help="trees of the random-forest baseline")
+    p.add_argument(
+        "--ensemble", type=int, default=1, help="models per fold, averaged (seeds seed, seed+1, ...)"
+    )
 
 
 def _train_config(args):
@@ -129,6 +132,7 @@ def cmd_evaluate(args) -> int:
         out_dir=args.out,
         baseline=not args.no_baseline,
         baseline_trees=args.trees,
+        ensemble=args.ensemble,
         log=_log,
     )
     (Path(args.out) / "environment.json").write_text(json.dumps(env, indent=2))
@@ -231,7 +235,14 @@ def cmd_demo(args) -> int:
     folds = _parse_folds(args.folds)
     _log(f"\n[1/3] Matbench expt_gap: {len(ds)} compositions, experimental band gap (eV); folds {folds}")
     gap = cross_validate(
-        ds, task, cfg, folds=folds, out_dir=out / "expt_gap", baseline_trees=args.trees, log=_log
+        ds,
+        task,
+        cfg,
+        folds=folds,
+        out_dir=out / "expt_gap",
+        baseline_trees=args.trees,
+        ensemble=args.ensemble,
+        log=_log,
     )
     _log("\n" + gap.table())
 
@@ -244,7 +255,14 @@ def cmd_demo(args) -> int:
         tc_cfg.epochs = args.tc_epochs
         tc_cfg.batch_size = 64
         tc_report = cross_validate(
-            tc, tc_task, tc_cfg, folds=tc_folds, out_dir=out / "tc", baseline_trees=args.trees, log=_log
+            tc,
+            tc_task,
+            tc_cfg,
+            folds=tc_folds,
+            out_dir=out / "tc",
+            baseline_trees=args.trees,
+            ensemble=args.ensemble,
+            log=_log,
         )
         tc_table = tc_report.table()
         _log("\n" + tc_table)
@@ -316,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tc-folds", default="0")
     p.add_argument("--tc-epochs", type=int, default=60)
     p.add_argument("--skip-tc", action="store_true")
-    _add_train_args(p, epochs=40)
-    p.set_defaults(minutes=5.0)
+    _add_train_args(p, epochs=80)
+    p.set_defaults(minutes=4.0)  # per model; --full lifts it
     _add_screen_args(
         p,
         elements="Li,Na,K,Mg,Ca,Ba,Zn,Cu,Ga,In,Sn,Bi,N,O,S,Se,F,Cl,I",

@@ -13,7 +13,7 @@ import csv
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,12 +117,18 @@ def cross_validate(
     out_dir: str | os.PathLike | None = None,
     baseline: bool = True,
     baseline_trees: int = 300,
+    ensemble: int = 1,
     log=None,
 ) -> CVReport:
     """Train and test on each requested fold; returns the per-fold metrics and predictions.
 
-    ``out_dir`` receives ``fold{k}/best.pt`` checkpoints, ``predictions.csv``,
-    ``metrics.json``, ``metrics.md`` and ``parity.png``."""
+    ``ensemble`` > 1 trains that many models per fold (seeds ``seed, seed + 1, ...``, each
+    with its own validation split) and averages them; the reported std is the ensemble's
+    total: sqrt(mean of the members' predicted variances + variance of their means).
+    ``out_dir`` receives ``fold{k}/best.pt`` checkpoints (member 0), ``predictions.csv``,
+    ``metrics.json``, ``metrics.md`` and ``parity_<dataset>.png``."""
+    if ensemble < 1:
+        raise ValueError(f"ensemble must be >= 1, got {ensemble}")
     splits = folds_for(dataset)
     folds = list(range(len(splits))) if folds is None else list(folds)
     report = CVReport(dataset.name, task, dataset.unit, folds)
@@ -133,9 +139,18 @@ def cross_validate(
         train, test = dataset.subset(tr), dataset.subset(te)
         ck = out / f"fold{k}" if out is not None else None
         t0 = time.perf_counter()
-        result = fit(train, task, config, checkpoint_dir=ck)
-        pred, std = predict(result.model, pack_formulas(test.formulas), task)
-        pred = np.maximum(pred, 0.0)
+        packed_test = pack_formulas(test.formulas)
+        means, stds, results = [], [], []
+        for member in range(ensemble):
+            member_dir = ck if ck is None or member == 0 else ck / f"member{member}"
+            result = fit(train, task, replace(config, seed=config.seed + member), checkpoint_dir=member_dir)
+            mu, sd = predict(result.model, packed_test, task)
+            means.append(mu)
+            stds.append(sd)
+            results.append(result)
+        result = results[0]
+        pred = np.maximum(np.mean(means, axis=0), 0.0)
+        std = np.sqrt(np.mean(np.square(stds), axis=0) + np.var(means, axis=0))
         secs = time.perf_counter() - t0
         if ck is not None:
             save_model(ck / "best.pt", result.model, task, {"fold": k, "best_epoch": result.best_epoch})
@@ -155,8 +170,12 @@ def cross_validate(
                 "seconds": s,
             }
             if name == MODEL_NAME:
-                row.update(best_epoch=result.best_epoch, epochs_run=len(result.history))
-                row["samples_per_s"] = result.samples_per_second
+                row.update(
+                    best_epoch=[r.best_epoch for r in results],
+                    epochs_run=[len(r.history) for r in results],
+                    ensemble=ensemble,
+                    samples_per_s=float(np.mean([r.samples_per_second for r in results])),
+                )
             report.rows.append(row)
             preds[name].append((test.formulas, test.targets, p, sd))
             if log is not None:
