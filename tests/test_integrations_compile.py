@@ -52,18 +52,6 @@ def _run(fn, model, x, g):
 
 
 # The attention layer hands the op transposed (B, S, H, D) views. The reference branch of
-# attn_bwd returns contiguous gradients while its fake (and the Triton launcher) return
-# torch.empty_like(q) strides, so the compiled backward views a tensor whose real strides differ
-# from the traced ones. Fix (ops/attention/autograd.py, reference branch of attn_bwd and
-# attn_varlen_bwd): copy the gradients into torch.empty_like(q/k/v). opcheck shows the same below.
-_STRIDE_BUG = pytest.mark.xfail(
-    reason="attn_bwd reference returns contiguous grads, its fake says empty_like(q) strides",
-    raises=RuntimeError,
-    strict=False,
-)
-
-
-@_STRIDE_BUG
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_compile_fullgraph_forward_backward_matches_eager(scoring):
     torch.manual_seed(0)
@@ -224,12 +212,7 @@ def test_opcheck_covers_every_registered_op():
     assert registered <= covered, f"ops without an opcheck case: {sorted(registered - covered)}"
 
 
-_CASES = [
-    pytest.param(c, marks=pytest.mark.xfail(reason=_STRIDE_BUG.kwargs["reason"], strict=False))
-    if c == "attn_bwd_strided"
-    else c
-    for c in sorted(_cases())
-]
+_CASES = sorted(_cases())
 
 
 @pytest.mark.parametrize("case", _CASES)

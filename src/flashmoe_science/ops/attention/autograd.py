@@ -16,6 +16,12 @@ from . import reference
 _LIB = "flashmoe_science"
 
 
+def _like_inputs(grads, inputs):
+    """Gradients with their inputs' strides, as the fake implementations promise
+    (``empty_like``), so a compiled graph may view them the way it viewed the inputs."""
+    return tuple(torch.empty_like(t).copy_(g) for g, t in zip(grads, inputs))
+
+
 # ---------------------------------------------------------------- dense
 @torch.library.custom_op(f"{_LIB}::attn_fwd", mutates_args=())
 def attn_fwd(
@@ -52,7 +58,7 @@ def attn_bwd(
         from . import launch_bwd
 
         return launch_bwd.attention_bwd(do, q, k, v, out, lse, causal, scale)
-    return reference.attention_bwd_ref(do, q, k, v, out, lse, causal, scale)
+    return _like_inputs(reference.attention_bwd_ref(do, q, k, v, out, lse, causal, scale), (q, k, v))
 
 
 @attn_bwd.register_fake
@@ -145,9 +151,10 @@ def attn_varlen_bwd(
             causal,
             scale,
         )
-    return reference.attention_varlen_bwd_ref(
+    grads = reference.attention_varlen_bwd_ref(
         do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal, scale
     )
+    return _like_inputs(grads, (q, k, v))
 
 
 @attn_varlen_bwd.register_fake
