@@ -92,3 +92,23 @@ def test_write_screen(tmp_path):
 
 def test_itertools_sanity():
     assert len(list(itertools.combinations(range(5), 3))) == math.comb(5, 3)
+
+
+def test_charge_balance_filter():
+    z = np.array([[26, 8], [11, 17], [3, 26], [30, 50], [11, 17]])
+    amounts = np.array([[2, 3], [1, 1], [1, 1], [3, 2], [2, 1]])
+    # Fe2O3, NaCl neutral; LiFe (no anion), Zn3Sn2 (Sn(-4) only), Na2Cl not.
+    assert sc.charge_balanced(z, amounts).tolist() == [True, True, False, False, False]
+    # CuInSe2 needs Cu(+1) (ICSD states); Zn3Sn2S is neutral only with S(+2) and Sn(-4),
+    # which the electronegativity order rules out.
+    z3 = np.array([[29, 49, 34], [30, 50, 16]])
+    assert sc.charge_balanced(z3, np.array([[1, 1, 2], [3, 2, 1]])).tolist() == [True, False]
+
+
+def test_screen_charge_balanced_counts():
+    model = CompositionTransformer(("band_gap",), **TINY).eval()
+    space = sc.Space(sc.parse_elements("Na,K,Cl,O"), 2, 3, 3)
+    res = sc.screen(model, "band_gap", space, top_k=500, progress=False, require_charge_balance=True)
+    assert res.n_enumerated == space.size() and 0 < res.n_candidates < space.size()
+    assert {"NaCl", "KCl", "Na2O"} <= {r["formula"] for r in res.top}
+    assert "NaO" not in {r["formula"] for r in res.top}

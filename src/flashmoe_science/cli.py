@@ -185,10 +185,12 @@ def _run_screen(model, task, args, out: Path, unit: str, known=None):
         chunk_size=args.chunk_size,
         known_formulas=known,
         progress=not args.no_progress,
+        require_charge_balance=args.charge_balanced,
     )
     csv_path, png_path = write_screen(result, out, unit)
     rate = result.candidates_per_second
-    _log(f"{result.n_candidates:,} candidates in {result.seconds:.1f} s ({rate:,.0f}/s)")
+    kept = f" ({result.n_candidates:,} charge-balanced)" if args.charge_balanced else ""
+    _log(f"{result.n_enumerated:,} candidates{kept} in {result.seconds:.1f} s ({rate:,.0f} predicted/s)")
     for row in result.top[:10]:
         flag = "  (in training data)" if row["in_training_data"] else ""
         pred = f"{row['prediction']:7.3f} ± {row['std']:.3f} {unit}"
@@ -302,7 +304,13 @@ def cmd_demo(args) -> int:
 
 
 def _add_screen_args(
-    p: argparse.ArgumentParser, *, elements: str, objective: str, max_elements: int, max_amount: int
+    p: argparse.ArgumentParser,
+    *,
+    elements: str,
+    objective: str,
+    max_elements: int,
+    max_amount: int,
+    kappa: float = 0.0,
 ):
     p.add_argument(
         "--elements", default=elements, help=f"comma-separated element symbols (default {elements})"
@@ -316,8 +324,15 @@ def _add_screen_args(
         default=objective,
         help="max, min or target:<value> (closest to value); default %(default)s",
     )
-    p.add_argument("--kappa", type=float, default=0.0, help="penalise predicted std by this factor")
+    p.add_argument(
+        "--kappa", type=float, default=kappa, help="penalise the predicted std by this factor (%(default)s)"
+    )
     p.add_argument("--top", type=int, default=50)
+    p.add_argument(
+        "--charge-balanced",
+        action="store_true",
+        help="keep only candidates that some common oxidation states make neutral (pymatgen)",
+    )
     p.add_argument("--chunk-size", type=int, default=65536)
 
 
@@ -339,11 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_screen_args(
         p,
         elements="Li,Na,K,Mg,Ca,Ba,Zn,Cu,Ga,In,Sn,Bi,N,O,S,Se,F,Cl,I",
-        objective="target:1.4",
+        objective="target:1.4",  # near the single-junction solar optimum
         max_elements=3,
         max_amount=4,
+        kappa=1.0,  # prefer confident predictions: rank by |mu - 1.4| + sigma
     )
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, charge_balanced=True)  # the demo screens neutral formulas only
 
     p = sub.add_parser("train", help="train one model and save a checkpoint")
     p.add_argument("--dataset", default="expt_gap", choices=["expt_gap", "tc", "mp_gap"])
@@ -388,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
             f"flashmoe-science needs the science extra ({exc}); run: pip install 'flashmoe-science[science]'"
         )
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:  # missing optional data, bad element list...
+        print(f"flashmoe-science {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,9 +14,11 @@ All candidates of a chunk have the same element count L, so a chunk packs into
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from math import comb
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .featurize import PackedBatch, element_symbols, formula_string, pack_formulas
+from .featurize import MAX_Z, PackedBatch, element_symbols, formula_string, pack_formulas
 from .model import CompositionTransformer
 
 
@@ -36,6 +38,50 @@ def amount_grid(length: int, max_amount: int, max_atoms: int | None = None) -> n
     if max_atoms is not None:
         keep &= grid.sum(axis=1) <= max_atoms
     return grid[keep]
+
+
+@functools.lru_cache(maxsize=1)
+def oxidation_state_table(max_states: int = 8) -> np.ndarray:
+    """(MAX_Z + 1, max_states) float64: per element the union of pymatgen's common
+    oxidation states and those seen in the ICSD (Cu(+1) is not "common" in pymatgen, yet
+    CuInSe2 needs it), NaN-padded (elements without any, e.g. noble gases, are all NaN)."""
+    from pymatgen.core.periodic_table import Element
+
+    table = np.full((MAX_Z + 1, max_states), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for z in range(1, MAX_Z + 1):
+            el = Element.from_Z(z)
+            states = sorted(set(el.common_oxidation_states) | set(el.icsd_oxidation_states))[:max_states]
+            table[z, : len(states)] = states
+    return table
+
+
+def charge_balanced(z: np.ndarray, amounts: np.ndarray) -> np.ndarray:
+    """(n,) bool: some assignment of common oxidation states makes the formula neutral,
+    sum_i n_i q_i = 0, with every cation less electronegative than every anion (the
+    "Pauling test" of SMACT; it rules out e.g. Sn(-4) with S(+2)).
+
+    Vectorised over the chunk: all S^L state combinations at once (L elements, S states)."""
+    from .featurize import PROPERTY_NAMES, raw_element_table
+
+    table = oxidation_state_table()
+    x = raw_element_table()[:, PROPERTY_NAMES.index("electronegativity")]
+    n, length = z.shape
+    s = table.shape[1]
+    combos = np.indices((s,) * length).reshape(length, -1).T  # (S^L, L)
+    out = np.zeros(n, dtype=bool)
+    rows = max(1, (1 << 21) // (len(combos) * length))  # bound the (rows, S^L, L) temporaries
+    for r0 in range(0, n, rows):
+        zz, aa = z[r0 : r0 + rows], amounts[r0 : r0 + rows]
+        vals = table[zz][:, np.arange(length)[None, :], combos]  # (r, S^L, L), NaN = no state
+        total = (vals * aa[:, None, :]).sum(-1)
+        chi = np.broadcast_to(x[zz][:, None, :], vals.shape)
+        with np.errstate(invalid="ignore"):
+            max_cation = np.where(vals > 0, chi, -np.inf).max(-1)
+            min_anion = np.where(vals < 0, chi, np.inf).min(-1)
+            out[r0 : r0 + rows] = ((total == 0) & (max_cation < min_anion)).any(axis=1)
+    return out
 
 
 def parse_elements(elements: str | list[str]) -> list[int]:
@@ -126,10 +172,11 @@ def _objective_score(mean: torch.Tensor, std: torch.Tensor, objective: str, kapp
 class ScreenResult:
     task: str
     objective: str
-    n_candidates: int
+    n_candidates: int  # predicted (after the charge-balance filter, if any)
     seconds: float
     top: list[dict]
     sample: np.ndarray = field(repr=False)  # reservoir sample of predicted means
+    n_enumerated: int = 0
 
     @property
     def candidates_per_second(self) -> float:
@@ -152,6 +199,7 @@ def screen(
     chunk_size: int = 65536,
     known_formulas: list[str] | None = None,
     sample_size: int = 100_000,
+    require_charge_balance: bool = False,
     progress: bool = True,
     seed: int = 0,
 ) -> ScreenResult:
@@ -179,7 +227,16 @@ def screen(
 
         bar = tqdm(total=total, desc=f"screen {task}", unit="cand", unit_scale=True, leave=False)
     t0 = time.perf_counter()
+    enumerated = 0
     for z, amounts in space.chunks(chunk_size):
+        enumerated += len(z)
+        if bar is not None:
+            bar.update(len(z))
+        if require_charge_balance:
+            keep = charge_balanced(z, amounts)
+            z, amounts = z[keep], amounts[keep]
+            if len(z) == 0:
+                continue
         batch = chunk_batch(z, amounts, device)
         mean, std = model.predict(batch, task)
         mean = mean.float().clamp_min(0.0)
@@ -204,8 +261,6 @@ def screen(
         sample.append(m[take])
         kept += int(take.sum())
         seen += len(z)
-        if bar is not None:
-            bar.update(len(z))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -233,9 +288,8 @@ def screen(
                 "in_training_data": _composition_key(zi, frac) in known,
             }
         )
-    return ScreenResult(
-        task, objective, seen, seconds, top, np.concatenate(sample) if sample else np.zeros(0)
-    )
+    sampled = np.concatenate(sample) if sample else np.zeros(0)
+    return ScreenResult(task, objective, seen, seconds, top, sampled, enumerated)
 
 
 def write_screen(result: ScreenResult, out_dir: str | os.PathLike, unit: str = "") -> tuple[Path, Path]:
@@ -292,7 +346,9 @@ __all__ = [
     "ScreenResult",
     "Space",
     "amount_grid",
+    "charge_balanced",
     "chunk_batch",
+    "oxidation_state_table",
     "parse_elements",
     "screen",
     "space_summary",
