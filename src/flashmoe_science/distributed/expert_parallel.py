@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.moe import FlashMoELayer
+from ..nn.moe import FlashMoELayer, init_moe_module
 from ..ops.moe import route
 from ..ops.moe.api import _run_experts
 from . import comm
@@ -126,50 +126,31 @@ class ExpertParallelMoE(nn.Module):
         ep_rank = dist.get_rank(ep_group)
         if ep_rank < 0:
             raise ValueError("this process is not a member of ep_group")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
         if num_experts % ep_size:
             raise ValueError(
                 f"num_experts={num_experts} must be a multiple of the EP group size {ep_size} "
                 "(every rank holds the same number of experts)"
             )
-        if scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
-        if num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
-        factory = {"device": device, "dtype": dtype}
-        ffn = ffn_hidden_size if ffn_hidden_size is not None else 4 * hidden_size
         self.ep_group = ep_group
         self.ep_size = ep_size
         self.ep_rank = ep_rank
-        self.hidden_size = hidden_size
-        self.num_experts = num_experts
         self.num_local_experts = num_experts // ep_size
         self.expert_offset = ep_rank * self.num_local_experts
-        self.top_k = top_k
-        self.ffn_hidden_size = ffn
-        self.scoring = scoring
-        self.renormalize = renormalize
-        self.num_shared_experts = num_shared_experts
-        self.aux_loss_coef = aux_loss_coef
-        self.z_loss_coef = z_loss_coef
-        el = self.num_local_experts
-        self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
-        self.w_gate_up = nn.Parameter(torch.empty(el, 2 * ffn, hidden_size, **factory))
-        self.w_down = nn.Parameter(torch.empty(el, hidden_size, ffn, **factory))
-        if scoring == "sigmoid":
-            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
-        else:
-            self.expert_bias = None
-        if num_shared_experts > 0:
-            shared_ffn = num_shared_experts * ffn
-            self.shared_gate_up = nn.Linear(hidden_size, 2 * shared_ffn, bias=False, **factory)
-            self.shared_down = nn.Linear(shared_ffn, hidden_size, bias=False, **factory)
-        else:
-            self.shared_gate_up = None
-            self.shared_down = None
-        self.aux_loss: torch.Tensor | None = None
-        self.last_topk_ids: torch.Tensor | None = None
+        init_moe_module(
+            self,
+            hidden_size,
+            num_experts,
+            self.num_local_experts,
+            top_k,
+            ffn_hidden_size,
+            scoring=scoring,
+            renormalize=renormalize,
+            num_shared_experts=num_shared_experts,
+            aux_loss_coef=aux_loss_coef,
+            z_loss_coef=z_loss_coef,
+            device=device,
+            dtype=dtype,
+        )
         self.last_tokens_per_rank: torch.Tensor | None = None
         self.last_expert_counts: torch.Tensor | None = None
         self.last_recv_tokens: int | None = None

@@ -39,6 +39,61 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
 
 
+def init_moe_module(
+    module: nn.Module,
+    hidden_size: int,
+    num_experts: int,
+    num_held_experts: int,
+    top_k: int,
+    ffn_hidden_size: int | None,
+    *,
+    scoring: str,
+    renormalize: bool,
+    num_shared_experts: int,
+    aux_loss_coef: float,
+    z_loss_coef: float,
+    device=None,
+    dtype=None,
+) -> None:
+    """Check the arguments and create the router, the weights of the ``num_held_experts``
+    experts this module holds, the selection bias and the shared experts. Shared by
+    :class:`FlashMoELayer` (holds all experts) and the expert-parallel layer (a shard)."""
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    if num_shared_experts < 0:
+        raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+    factory = {"device": device, "dtype": dtype}
+    ffn = ffn_hidden_size if ffn_hidden_size is not None else 4 * hidden_size
+    module.hidden_size = hidden_size
+    module.num_experts = num_experts
+    module.top_k = top_k
+    module.ffn_hidden_size = ffn
+    module.scoring = scoring
+    module.renormalize = renormalize
+    module.num_shared_experts = num_shared_experts
+    module.aux_loss_coef = aux_loss_coef
+    module.z_loss_coef = z_loss_coef
+    module.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
+    module.w_gate_up = nn.Parameter(torch.empty(num_held_experts, 2 * ffn, hidden_size, **factory))
+    module.w_down = nn.Parameter(torch.empty(num_held_experts, hidden_size, ffn, **factory))
+    if scoring == "sigmoid":
+        # Selection-only bias (DeepSeek-V3 aux-loss-free balancing); updated by the user.
+        module.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+    else:
+        module.expert_bias = None
+    if num_shared_experts > 0:
+        shared_ffn = num_shared_experts * ffn
+        module.shared_gate_up = nn.Linear(hidden_size, 2 * shared_ffn, bias=False, **factory)
+        module.shared_down = nn.Linear(shared_ffn, hidden_size, bias=False, **factory)
+    else:
+        module.shared_gate_up = None
+        module.shared_down = None
+    module.aux_loss = None
+    module.last_topk_ids = None
+
+
 class FlashMoELayer(nn.Module):
     """Sparse MoE feed-forward: ``forward(x)`` on (..., H) returns (..., H)."""
 
@@ -58,40 +113,21 @@ class FlashMoELayer(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
-        if scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
-        if num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
-        factory = {"device": device, "dtype": dtype}
-        ffn = ffn_hidden_size if ffn_hidden_size is not None else 4 * hidden_size
-        self.hidden_size = hidden_size
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.ffn_hidden_size = ffn
-        self.scoring = scoring
-        self.renormalize = renormalize
-        self.num_shared_experts = num_shared_experts
-        self.aux_loss_coef = aux_loss_coef
-        self.z_loss_coef = z_loss_coef
-        self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
-        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden_size, **factory))
-        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn, **factory))
-        if scoring == "sigmoid":
-            # Selection-only bias (DeepSeek-V3 aux-loss-free balancing); updated by the user.
-            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
-        else:
-            self.expert_bias = None
-        if num_shared_experts > 0:
-            shared_ffn = num_shared_experts * ffn
-            self.shared_gate_up = nn.Linear(hidden_size, 2 * shared_ffn, bias=False, **factory)
-            self.shared_down = nn.Linear(shared_ffn, hidden_size, bias=False, **factory)
-        else:
-            self.shared_gate_up = None
-            self.shared_down = None
-        self.aux_loss: torch.Tensor | None = None
-        self.last_topk_ids: torch.Tensor | None = None
+        init_moe_module(
+            self,
+            hidden_size,
+            num_experts,
+            num_experts,
+            top_k,
+            ffn_hidden_size,
+            scoring=scoring,
+            renormalize=renormalize,
+            num_shared_experts=num_shared_experts,
+            aux_loss_coef=aux_loss_coef,
+            z_loss_coef=z_loss_coef,
+            device=device,
+            dtype=dtype,
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
