@@ -337,7 +337,10 @@ def _add_screen_args(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flashmoe-science", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="flashmoe-science",
+        description="FlashMoE-Science materials pipeline: demo, train, evaluate, screen.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train, compare with the baseline, screen; CPU-sized by default")
