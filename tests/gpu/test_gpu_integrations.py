@@ -48,11 +48,21 @@ def test_compile_fullgraph_triton_path(backend):
     eager_out, eager_grads = run(model)
     torch._dynamo.reset()
     out, grads = run(torch.compile(model, backend=backend, fullgraph=True))
-    # Same kernels; inductor may fuse the surrounding elementwise ops differently (bf16 rounding).
-    tol = dict(rtol=2e-2, atol=2e-2) if backend == "inductor" else dict(rtol=0, atol=0)
-    torch.testing.assert_close(out, eager_out, **tol)
-    for name in eager_grads:
-        torch.testing.assert_close(grads[name], eager_grads[name], **tol, msg=name)
+    if backend == "aot_eager":
+        # Same kernels, same ops: the compiled graph must be bit-identical to eager.
+        torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
+        for name in eager_grads:
+            torch.testing.assert_close(grads[name], eager_grads[name], rtol=0, atol=0, msg=name)
+        return
+    # inductor re-fuses the elementwise ops around the kernels (layer norms, residuals,
+    # SwiGLU of the shared parts), which changes bf16 rounding. Measured on an H200
+    # (2026-11-25): max |compiled - eager| of every gradient was 0.4-0.6 bf16 ulp of that
+    # tensor's largest entry. Bound: 2 ulp of the tensor's scale.
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, got, want in [("out", out, eager_out)] + [(n, grads[n], eager_grads[n]) for n in eager_grads]:
+        diff = (got.float() - want.float()).abs().max().item()
+        scale = want.float().abs().max().item()
+        assert diff <= 2 * eps * scale, f"{name}: max|compiled-eager|={diff:.3g} > 2 ulp of {scale:.3g}"
 
 
 def test_dynamo_explain_no_graph_breaks_on_gpu():
