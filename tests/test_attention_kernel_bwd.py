@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from _numerics import assert_close_rule
+from _attention import check_grads, reference_grads
 
 from flashmoe_science import flash_attention_science, flash_attention_varlen
 from flashmoe_science.ops.attention import launch_bwd, reference
@@ -41,22 +41,6 @@ def _inputs(b, h, h_kv, s_q, s_k, d, dtype):
     return q, k, v
 
 
-def _grads_oracle_and_same_dtype(q, k, v, do, causal, scale, ref_fn):
-    """(float64 grads, same-dtype grads) by autograd through the reference forward."""
-    out = []
-    for cd in (torch.float64, q.dtype):
-        leaves = [t.detach().to(cd).requires_grad_(True) for t in (q, k, v)]
-        o, _ = ref_fn(*leaves, causal, scale, compute_dtype=cd)
-        out.append(torch.autograd.grad(o, leaves, do.to(cd)))
-    return out
-
-
-def _check_grads(grads, r_grads, p_grads):
-    for name, g, r, p in zip(("dq", "dk", "dv"), grads, r_grads, p_grads):
-        assert g.dtype == p.dtype and g.shape == r.shape, name
-        assert_close_rule(g, r, p, grad=True, name=name)
-
-
 DENSE_CASES = [
     # (b, h, h_kv, s_q, s_k, d, causal)
     pytest.param((1, 2, 2, 67, 67, 64, False), id="odd-length"),
@@ -79,7 +63,7 @@ def test_dense_grads_match_float64(case, mode, monkeypatch, poisoned_alloc):
     out, lse = reference.attention_ref(q, k, v, causal, scale)
     do = torch.randn_like(q)
     grads = launch_bwd.attention_bwd(do, q, k, v, out, lse, causal, scale)
-    _check_grads(grads, *_grads_oracle_and_same_dtype(q, k, v, do, causal, scale, reference.attention_ref))
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
 
 
 def test_strided_bshd_views(poisoned_alloc):
@@ -93,7 +77,7 @@ def test_strided_bshd_views(poisoned_alloc):
     do = torch.randn(b, s_q, h, d, dtype=torch.float16, device=DEVICE).transpose(1, 2)
     grads = launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale)
     assert grads[0].stride() == q.stride()
-    _check_grads(grads, *_grads_oracle_and_same_dtype(q, k, v, do, True, scale, reference.attention_ref))
+    check_grads(grads, *reference_grads(q, k, v, do, True, scale, reference.attention_ref))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="checks the interpreter's bfloat16 detour")
@@ -103,7 +87,7 @@ def test_bfloat16_under_interpreter_runs_in_float32():
     out, lse = reference.attention_ref(q, k, v, True, scale)
     do = torch.randn_like(q)
     grads = launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale)
-    _check_grads(grads, *_grads_oracle_and_same_dtype(q, k, v, do, True, scale, reference.attention_ref))
+    check_grads(grads, *reference_grads(q, k, v, do, True, scale, reference.attention_ref))
 
 
 def _pack(lengths, h, d, dtype):
@@ -140,7 +124,7 @@ def test_varlen_grads_match_float64(case, mode, monkeypatch, poisoned_alloc):
             q_, k_, v_, cu_q, cu_k, causal_, scale_, compute_dtype=compute_dtype
         )
 
-    _check_grads(grads, *_grads_oracle_and_same_dtype(q, k, v, do, causal, scale, ref_fn))
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, ref_fn))
 
 
 def test_empty_inputs_launch_nothing():
@@ -188,7 +172,7 @@ def test_public_api_triton_path_fwd_and_bwd(causal, monkeypatch):
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, do)
     scale = 1.0 / math.sqrt(32)
-    _check_grads(grads, *_grads_oracle_and_same_dtype(q, k, v, do, causal, scale, reference.attention_ref))
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
 
 
 def test_public_varlen_triton_path_fwd_and_bwd(monkeypatch):
@@ -206,7 +190,7 @@ def test_public_varlen_triton_path_fwd_and_bwd(monkeypatch):
             q_, k_, v_, cu, cu, causal_, scale_, compute_dtype=compute_dtype
         )
 
-    _check_grads(grads, *_grads_oracle_and_same_dtype(q, k, v, do, True, 1.0 / math.sqrt(32), ref_fn))
+    check_grads(grads, *reference_grads(q, k, v, do, True, 1.0 / math.sqrt(32), ref_fn))
 
 
 def test_gradcheck_reference_plumbing(monkeypatch):

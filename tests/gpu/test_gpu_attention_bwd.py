@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from _numerics import assert_close_rule
+from _attention import check_grads, reference_grads
 
 from flashmoe_science import flash_attention_science, flash_attention_varlen
 from flashmoe_science.ops.attention import launch_bwd, reference
@@ -38,21 +38,6 @@ def _poison_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
 
 
-def _reference_grads(q, k, v, do, causal, scale, ref_fn):
-    out = []
-    for cd in (torch.float64, q.dtype):
-        leaves = [t.detach().to(cd).requires_grad_(True) for t in (q, k, v)]
-        o, _ = ref_fn(*leaves, causal, scale, compute_dtype=cd)
-        out.append(torch.autograd.grad(o, leaves, do.to(cd)))
-    return out
-
-
-def _check(grads, r_grads, p_grads):
-    for name, g, r, p in zip(("dq", "dk", "dv"), grads, r_grads, p_grads):
-        assert g.dtype == p.dtype and g.shape == r.shape, name
-        assert_close_rule(g, r, p, grad=True, name=name)
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("d", HEAD_DIMS)
@@ -70,7 +55,7 @@ def test_dense_grads(dtype, d, heads, causal, monkeypatch):
     grads = launch_bwd.attention_bwd(do, q, k, v, out, lse, causal, scale)
     torch.cuda.synchronize()
     monkeypatch.undo()
-    _check(grads, *_reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
 
 
 @pytest.mark.parametrize("mode", ["separate", "atomic"])
@@ -85,7 +70,7 @@ def test_causal_more_queries_than_keys(dtype, mode, monkeypatch):
     out, lse = reference.attention_ref(q, k, v, True, scale)
     do = torch.randn_like(q)
     grads = launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale)
-    _check(grads, *_reference_grads(q, k, v, do, True, scale, reference.attention_ref))
+    check_grads(grads, *reference_grads(q, k, v, do, True, scale, reference.attention_ref))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -99,7 +84,7 @@ def test_atomic_dq_mode(dtype, causal, monkeypatch):
     out, lse = reference.attention_ref(q, k, v, causal, scale)
     do = torch.randn_like(q)
     grads = launch_bwd.attention_bwd(do, q, k, v, out, lse, causal, scale)
-    _check(grads, *_reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -125,7 +110,7 @@ def test_varlen_grads(dtype, causal):
     def ref_fn(q_, k_, v_, c, s, compute_dtype):
         return reference.attention_varlen_ref(q_, k_, v_, cu_q, cu_k, c, s, compute_dtype=compute_dtype)
 
-    _check(grads, *_reference_grads(q, k, v, do, causal, scale, ref_fn))
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, ref_fn))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -137,7 +122,7 @@ def test_public_api_fwd_bwd_kernels(causal):
     out = flash_attention_science(*leaves, causal=causal)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, do)
-    _check(grads, *_reference_grads(q, k, v, do, causal, 1.0 / math.sqrt(128), reference.attention_ref))
+    check_grads(grads, *reference_grads(q, k, v, do, causal, 1.0 / math.sqrt(128), reference.attention_ref))
 
 
 def test_public_varlen_fwd_bwd_kernels():
@@ -153,7 +138,7 @@ def test_public_varlen_fwd_bwd_kernels():
     def ref_fn(q_, k_, v_, c, s, compute_dtype):
         return reference.attention_varlen_ref(q_, k_, v_, cu, cu, c, s, compute_dtype=compute_dtype)
 
-    _check(grads, *_reference_grads(q, k, v, do, True, 1.0 / math.sqrt(64), ref_fn))
+    check_grads(grads, *reference_grads(q, k, v, do, True, 1.0 / math.sqrt(64), ref_fn))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,0 +1,24 @@
+"""Attention test helpers shared by the CPU (interpreter) and GPU kernel tests."""
+
+from __future__ import annotations
+
+import torch
+from _numerics import assert_close_rule
+
+
+def reference_grads(q, k, v, do, causal, scale, ref_fn):
+    """(float64 grads, same-dtype grads) of (q, k, v) by autograd through ``ref_fn``, a
+    reference forward taking ``compute_dtype``."""
+    out = []
+    for cd in (torch.float64, q.dtype):
+        leaves = [t.detach().to(cd).requires_grad_(True) for t in (q, k, v)]
+        o, _ = ref_fn(*leaves, causal, scale, compute_dtype=cd)
+        out.append(torch.autograd.grad(o, leaves, do.to(cd)))
+    return out
+
+
+def check_grads(grads, r_grads, p_grads):
+    """dq, dk, dv against the float64 grads by DESIGN.md's rule (3x the same-dtype error)."""
+    for name, g, r, p in zip(("dq", "dk", "dv"), grads, r_grads, p_grads):
+        assert g.dtype == p.dtype and g.shape == r.shape, name
+        assert_close_rule(g, r, p, grad=True, name=name)
