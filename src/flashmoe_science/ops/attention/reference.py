@@ -72,6 +72,33 @@ def attention_ref(
     return out, lse
 
 
+def _length_groups(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """Yield (len_q, len_k, q_rows, k_rows) for each group of sequences of equal lengths:
+    q_rows (n * len_q,) and k_rows (n * len_k,) index the packed tensors, sequence-major, so
+    a group runs as one dense (n, H, len, D) batch. Host-side: this is the reference path."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in range(len(cq) - 1):
+        groups.setdefault((cq[i + 1] - cq[i], ck[i + 1] - ck[i]), []).append(i)
+    dev = cu_seqlens_q.device
+    for (len_q, len_k), seqs in groups.items():
+        starts_q = torch.tensor([cq[i] for i in seqs], device=dev)
+        starts_k = torch.tensor([ck[i] for i in seqs], device=dev)
+        q_rows = (starts_q[:, None] + torch.arange(len_q, device=dev)).reshape(-1)
+        k_rows = (starts_k[:, None] + torch.arange(len_k, device=dev)).reshape(-1)
+        yield len_q, len_k, q_rows, k_rows
+
+
+def _to_dense(t: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
+    """Packed (total, H, D) rows -> dense (n, H, length, D)."""
+    return t[rows].view(-1, length, t.shape[1], t.shape[2]).transpose(1, 2)
+
+
+def _to_packed(t: torch.Tensor) -> torch.Tensor:
+    """Dense (n, H, length, D) -> packed (n * length, H, D)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+
+
 def attention_varlen_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,19 +110,27 @@ def attention_varlen_ref(
     *,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed attention, one sequence at a time. Returns out (total_q, H, D), lse (H, total_q)."""
-    cq = cu_seqlens_q.tolist()
-    ck = cu_seqlens_k.tolist()
-    outs, lses = [], []
-    for i in range(len(cq) - 1):
-        qs = q[cq[i] : cq[i + 1]].transpose(0, 1).unsqueeze(0)
-        ks = k[ck[i] : ck[i + 1]].transpose(0, 1).unsqueeze(0)
-        vs = v[ck[i] : ck[i + 1]].transpose(0, 1).unsqueeze(0)
-        o, lse = attention_ref(qs, ks, vs, causal, softmax_scale, compute_dtype=compute_dtype)
-        outs.append(o[0].transpose(0, 1))
-        lses.append(lse[0])
-    out = torch.cat(outs, dim=0) if outs else q.new_empty((0,) + tuple(q.shape[1:]))
-    lse = torch.cat(lses, dim=1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32)
+    """Packed attention. Returns out (total_q, H, D), lse (H, total_q).
+
+    Sequences of equal (len_q, len_k) run together as one dense batch, so a batch of many
+    short structures costs a few dense calls, not one call per sequence."""
+    cd = _compute_dtype(q.dtype, compute_dtype)
+    lse_dtype = torch.float64 if cd == torch.float64 else torch.float32
+    out = q.new_zeros(q.shape)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
+    for len_q, len_k, q_rows, k_rows in _length_groups(cu_seqlens_q, cu_seqlens_k):
+        if len_q == 0 or len_k == 0:  # nothing to compute: zeros and -inf stay
+            continue
+        o, l = attention_ref(
+            _to_dense(q, q_rows, len_q),
+            _to_dense(k, k_rows, len_k),
+            _to_dense(v, k_rows, len_k),
+            causal,
+            softmax_scale,
+            compute_dtype=compute_dtype,
+        )
+        out = out.index_copy(0, q_rows, _to_packed(o))
+        lse = lse.index_copy(1, q_rows, l.permute(1, 0, 2).reshape(q.shape[1], -1))
     return out, lse
 
 
@@ -138,25 +173,24 @@ def attention_bwd_ref(
 def attention_varlen_bwd_ref(
     do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, causal: bool, softmax_scale: float
 ):
-    """Varlen backward, one sequence at a time (layouts as ``attention_varlen_ref``)."""
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    """Varlen backward (layouts as ``attention_varlen_ref``), one dense call per group of
+    sequences of equal lengths."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    to_dense = lambda t, a, z: t[a:z].transpose(0, 1).unsqueeze(0)  # noqa: E731
-    for i in range(len(cq) - 1):
-        q0, q1, k0, k1 = cq[i], cq[i + 1], ck[i], ck[i + 1]
-        if q1 == q0 or k1 == k0:
+    for len_q, len_k, q_rows, k_rows in _length_groups(cu_seqlens_q, cu_seqlens_k):
+        if len_q == 0 or len_k == 0:
             continue
+        lse_d = lse[:, q_rows].view(lse.shape[0], -1, len_q).transpose(0, 1)
         g = attention_bwd_ref(
-            to_dense(do, q0, q1),
-            to_dense(q, q0, q1),
-            to_dense(k, k0, k1),
-            to_dense(v, k0, k1),
-            to_dense(out, q0, q1),
-            lse[:, q0:q1].unsqueeze(0),
+            _to_dense(do, q_rows, len_q),
+            _to_dense(q, q_rows, len_q),
+            _to_dense(k, k_rows, len_k),
+            _to_dense(v, k_rows, len_k),
+            _to_dense(out, q_rows, len_q),
+            lse_d,
             causal,
             softmax_scale,
         )
-        dq[q0:q1] = g[0][0].transpose(0, 1)
-        dk[k0:k1] = g[1][0].transpose(0, 1)
-        dv[k0:k1] = g[2][0].transpose(0, 1)
+        dq[q_rows] = _to_packed(g[0])
+        dk[k_rows] = _to_packed(g[1])
+        dv[k_rows] = _to_packed(g[2])
     return dq, dk, dv
