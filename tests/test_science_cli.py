@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("pymatgen.core")
 pytest.importorskip("sklearn")
@@ -13,13 +12,7 @@ from flashmoe_science.cli import main  # noqa: E402
 TINY = ["--dim", "32", "--heads", "2", "--layers", "1", "--experts", "4", "--ffn", "32", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: one thread per xdist worker avoids oversubscribing a 2-core runner.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_demo_end_to_end(tmp_path, capsys):

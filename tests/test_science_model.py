@@ -15,13 +15,7 @@ from flashmoe_science.science.train import TrainConfig, _Precision, fit, load_mo
 TINY = {"dim": 32, "heads": 2, "layers": 1, "experts": 4, "top_k": 2, "ffn": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: one thread per xdist worker avoids oversubscribing a 2-core runner.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(formulas):

@@ -17,13 +17,7 @@ from flashmoe_science.science.train import predict  # noqa: E402
 TINY = {"dim": 32, "heads": 2, "layers": 1, "experts": 4, "top_k": 2, "ffn": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: one thread per xdist worker avoids oversubscribing a 2-core runner.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_amount_grid_is_primitive_and_complete():
