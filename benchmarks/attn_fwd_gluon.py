@@ -1,0 +1,237 @@
+"""Gluon (warp-specialised) attention forward on Hopper: correctness, then timing against the
+Triton kernel and SDPA's cuDNN backend, in one process on one GPU.
+
+    PYTHONPATH=src:. python3 -m benchmarks.attn_fwd_gluon [--out DIR] [--autotune]
+
+check  for each Gluon config, a subprocess (with a timeout, so a deadlocked kernel costs one
+       config, not the run) runs fresh random inputs into NaN-poisoned outputs and compares
+       with the float64 reference by the DESIGN.md rule (tests/_numerics.py).
+bench  TFLOP/s via triton.testing.do_bench for cuDNN SDPA, the Triton kernel (its default
+       config, FLASHMOE_ATTN_AUTOTUNE=0, or autotuned with --autotune) and the Gluon configs
+       that passed; writes gluon_bench.json (DESIGN.md results schema) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+# (BLOCK_M per consumer, BLOCK_N, NUM_STAGES, PINGPONG)
+CONFIGS = {
+    128: [(64, 128, 2, True), (64, 128, 2, False), (64, 128, 3, True)],
+    64: [(64, 128, 3, True), (64, 128, 2, True), (64, 128, 4, True), (64, 128, 3, False)],
+}
+# (B, H, H_kv, S_q, S_k, D, causal, dtype, bshd_view)
+CHECK_CASES = [
+    (2, 4, 4, 128, 128, 128, False, torch.bfloat16, False),
+    (2, 4, 4, 1000, 1000, 128, False, torch.bfloat16, False),
+    (2, 4, 4, 1000, 1000, 128, True, torch.bfloat16, False),
+    (1, 8, 2, 777, 1333, 128, True, torch.float16, False),  # GQA 4:1, S_q < S_k
+    (1, 4, 4, 1000, 300, 128, True, torch.bfloat16, False),  # S_q > S_k: rows that see nothing
+    (1, 4, 4, 1, 333, 128, True, torch.bfloat16, False),  # decode
+    (1, 4, 1, 1, 1, 128, False, torch.float16, False),  # S = 1, MQA
+    (2, 8, 2, 777, 777, 128, True, torch.bfloat16, True),  # transposed (B, S, H, D) views
+    (1, 4, 4, 4096, 4096, 128, True, torch.bfloat16, False),
+    (1, 4, 4, 4096, 4096, 128, False, torch.float16, False),
+    (2, 4, 4, 1000, 1000, 64, False, torch.bfloat16, False),
+    (1, 8, 2, 777, 1333, 64, True, torch.bfloat16, False),
+    (1, 4, 4, 1000, 300, 64, True, torch.float16, False),
+    (1, 4, 4, 2048, 2048, 64, True, torch.bfloat16, True),
+]
+BENCH_CASES = [  # (B, H, H_kv, S, D, causal): 16k tokens as in issue 3
+    *[(16384 // s, 16, 16, s, 128, c) for c in (False, True) for s in (2048, 4096, 8192, 16384)],
+    (4, 32, 8, 4096, 128, True),  # GQA 32:8
+    (4, 32, 32, 4096, 64, False),
+    (4, 32, 32, 4096, 64, True),
+    (16, 16, 16, 1024, 128, False),
+    (16, 16, 16, 1024, 128, True),
+]
+
+
+def make(b, h, h_kv, s_q, s_k, d, dtype, bshd=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def one(hh, s):
+        if bshd:
+            return torch.randn(b, s, hh, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+        return torch.randn(b, hh, s, d, device="cuda", dtype=dtype, generator=g)
+
+    return one(h, s_q), one(h_kv, s_k), one(h_kv, s_k)
+
+
+def flops(b, h, s_q, s_k, d, causal):
+    f = 4.0 * b * h * s_q * s_k * d
+    return f / 2 if causal else f
+
+
+def phase_check(d, cfg_index):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from _numerics import assert_close_rule
+
+    from flashmoe_science.ops.attention import launch_gluon, reference
+
+    cfg = CONFIGS[d][cfg_index]
+    n_ok = n = 0
+    t0 = time.time()
+    for i, (b, h, h_kv, s_q, s_k, dd, causal, dtype, bshd) in enumerate(CHECK_CASES):
+        if dd != d:
+            continue
+        q, k, v = make(b, h, h_kv, s_q, s_k, d, dtype, bshd, seed=i)
+        scale = d**-0.5
+        r_out, r_lse = reference.attention_ref(q, k, v, causal, scale, compute_dtype=torch.float64)
+        p_out, p_lse = reference.attention_ref(q, k, v, causal, scale, compute_dtype=dtype)
+        n += 1
+        out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+        lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device="cuda")
+        mask = "causal" if causal else "full"
+        tag = f"b{b} h{h}/{h_kv} {s_q}x{s_k} d{d} {mask} {dtype} bshd={bshd} cfg={cfg}"
+        try:
+            assert launch_gluon.supported(q, k, v), "not supported"
+            launch_gluon.attention_fwd(q, k, v, causal, scale, config=cfg, out=out, lse=lse)
+            torch.cuda.synchronize()
+            assert_close_rule(out, r_out, p_out, name="out")
+            assert_close_rule(lse, r_lse, p_lse.float(), name="lse")
+            n_ok += 1
+            print(f"[check] PASS {tag}", flush=True)
+        except Exception as exc:  # report every case, not just the first failure
+            print(f"[check] FAIL {tag}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    print(f"[check] D{d} cfg {cfg}: {n_ok}/{n} passed ({time.time() - t0:.1f}s)", flush=True)
+    return n_ok == n
+
+
+def run_checks(timeout_s=90, parallel=4):
+    """Each config's check in its own process; returns the configs that passed."""
+    import subprocess
+
+    jobs = [(d, i) for d in CONFIGS for i in range(len(CONFIGS[d]))]
+    passed = {d: [] for d in CONFIGS}
+    running = []
+    t0 = time.time()
+
+    def reap(d, i, p):
+        try:
+            out, _ = p.communicate(timeout=max(1.0, timeout_s - (time.time() - p.started)))
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            rc = "timeout"
+        print(out, end="", flush=True)
+        print(f"[check] D{d} cfg {CONFIGS[d][i]}: rc={rc}", flush=True)
+        if rc == 0:
+            passed[d].append(CONFIGS[d][i])
+
+    for d, i in jobs:
+        cmd = [sys.executable, "-m", "benchmarks.attn_fwd_gluon", "--phase", "check", "--d", str(d)]
+        cmd += ["--cfg", str(i)]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p.started = time.time()
+        running.append((d, i, p))
+        if len(running) >= parallel:
+            reap(*running.pop(0))
+    for job in running:
+        reap(*job)
+    print(f"[check] done in {time.time() - t0:.1f}s; passed {passed}", flush=True)
+    return passed
+
+
+def _cudnn(q, k, v, causal, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+
+
+def _impls(q, k, v, causal, scale, gluon_configs):
+    from flashmoe_science.ops.attention import launch, launch_gluon
+
+    impls = {
+        "sdpa_cudnn": functools.partial(_cudnn, q, k, v, causal, scale),
+        "triton": functools.partial(launch.attention_fwd, q, k, v, causal, scale),
+    }
+    for cfg in gluon_configs:
+        name = "gluon_" + "_".join(str(int(x)) for x in cfg)
+        impls[name] = functools.partial(launch_gluon.attention_fwd, q, k, v, causal, scale, config=cfg)
+    return impls
+
+
+def phase_bench(out_dir, autotune, configs):
+    import triton
+
+    if not autotune:
+        os.environ["FLASHMOE_ATTN_AUTOTUNE"] = "0"
+    rows = []
+    dtype = torch.bfloat16
+    for b, h, h_kv, s, d, causal in BENCH_CASES:
+        q, k, v = make(b, h, h_kv, s, s, d, dtype)
+        fl = flops(b, h, s, s, d, causal)
+        case = dict(batch=b, heads_q=h, heads_kv=h_kv, seqlen_q=s, seqlen_k=s, head_dim=d, causal=causal)
+        case["dtype"] = "bfloat16"
+        got = {}
+        ref = None
+        for name, fn in _impls(q, k, v, causal, d**-0.5, configs[d]).items():
+            try:
+                o = fn()
+                o = o[0] if isinstance(o, tuple) else o
+                if ref is None:
+                    ref = o.float()
+                elif (err := (o.float() - ref).abs().max().item()) > 0.02:
+                    print(f"[bench] {name} disagrees with cuDNN by {err:.3e}", flush=True)
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100)
+                got[name] = fl / ms / 1e9
+                rows.append(dict(op="attention_fwd", impl=name, case=case, ms=ms, tflops=got[name]))
+            except Exception as exc:
+                print(f"[bench] {name} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        best = max((t for n, t in got.items() if n.startswith("gluon")), default=math.nan)
+        line = "  ".join(f"{n} {t:6.1f}" for n, t in got.items())
+        x_cudnn = best / got.get("sdpa_cudnn", math.nan)
+        x_triton = best / got.get("triton", math.nan)
+        mask = "causal" if causal else "full  "
+        print(
+            f"[bench] b{b} h{h}/{h_kv} s{s} d{d} {mask}: {line}  | best gluon x_cudnn {x_cudnn:.2f} "
+            f"x_triton {x_triton:.2f}",
+            flush=True,
+        )
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python3 -m benchmarks.attn_fwd_gluon " + " ".join(sys.argv[1:]),
+        "timing": "triton.testing.do_bench(warmup=25, rep=100), median ms; triton = "
+        + ("autotuned" if autotune else "default config (FLASHMOE_ATTN_AUTOTUNE=0)"),
+    }
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "gluon_bench.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phase", choices=("all", "check", "bench"), default="all")
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--cfg", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--autotune", action="store_true")
+    args = ap.parse_args()
+    if args.phase == "check":
+        sys.exit(0 if phase_check(args.d, args.cfg) else 1)
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    configs = run_checks() if args.phase == "all" else CONFIGS
+    phase_bench(args.out, args.autotune, configs)
+
+
+if __name__ == "__main__":
+    main()

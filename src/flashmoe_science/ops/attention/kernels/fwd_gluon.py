@@ -1,0 +1,316 @@
+"""Attention forward for Hopper (sm_90) in Gluon: warp-specialised, FlashAttention-3 style.
+
+Shape letters: B batch, H query heads, H_kv key/value heads (GROUP = H // H_kv), S_q / S_k
+sequence lengths, D head dim.
+
+Plain Triton 3.6 serialises, inside one program, the QK^T MMA, the softmax and the PV MMA
+(Nsight Compute: tensor pipe ~59% busy, docs/attention_fwd.md). Gluon lets the kernel say
+who does what:
+
+  * a producer warp issues TMA loads of K and V tiles into a ring of ``NUM_STAGES`` shared
+    memory slots (``*_ready`` / ``*_empty`` mbarriers per slot);
+  * two consumer warpgroups, each owning ``BLOCK_M`` query rows of the program's
+    ``2 * BLOCK_M``; both read every K/V tile, so a slot is free once both released it
+    (``*_empty`` counts 2 arrivals);
+  * inside a consumer, the QK^T of block j is issued (async wgmma) together with the PV of
+    block j-1, and the softmax of block j runs while the PV MMA is still in flight
+    (FA3's intra-warpgroup overlap);
+  * with ``PINGPONG`` the two consumers take turns issuing their MMAs (``turn`` mbarriers),
+    so one's softmax runs while the other's MMAs occupy the tensor cores (FA3's ping-pong).
+
+Tiles are addressed through 4-D TMA descriptors over (B, H, S, D) with any strides TMA
+accepts (16-byte aligned, last dim contiguous): rows past S_q / S_k read as zeros, and the
+output store (through the consumer's Q buffer, by TMA) clips rows past S_q. Causal masking
+is bottom-right aligned (row i sees key j <= i + S_k - S_q); blocks no row of a consumer can
+see are not computed (the consumer only releases them). Rows that see no key give out = 0,
+lse = -inf. Scores are scaled by ``softmax_scale * log2(e)`` and exponentiated with exp2.
+
+Gluon has no CPU interpreter: this kernel runs on the GPU only; the Triton kernel in ``fwd``
+remains the one CI tests on CPU. Grids and configs live in ``launch``.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+
+@gluon.jit
+def _n_blocks(m0, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Number of BLOCK_N key blocks that rows [m0, m0 + BLOCK_M) can see."""
+    if CAUSAL:
+        # The last row sees keys < m0 + BLOCK_M + S_k - S_q.
+        n_end = gl.minimum(gl.maximum(m0 + BLOCK_M + seqlen_k - seqlen_q, 0), seqlen_k)
+    else:
+        n_end = seqlen_k
+    return gl.cdiv(n_end, BLOCK_N)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+              off_b, off_h, off_hk, m0, n_cta, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr):  # fmt: skip
+    """One warp: Q sub-tiles once, then K_j, V_j for j < n_cta into the ring."""
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bar.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            q_desc, [off_b, off_h, m0 + c * BLOCK_M, 0], q_bar.index(c), q_smem.index(c)
+        )
+    for j in range(n_cta):
+        s = j % NUM_STAGES
+        ph = (j // NUM_STAGES) & 1
+        # Fresh barriers count as having completed phase 1: the first lap does not wait.
+        mbarrier.wait(k_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            k_desc, [off_b, off_hk, j * BLOCK_N, 0], k_ready.index(s), k_smem.index(s)
+        )
+        mbarrier.wait(v_empty.index(s), ph ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            v_desc, [off_b, off_hk, j * BLOCK_N, 0], v_ready.index(s), v_smem.index(s)
+        )
+
+
+@gluon.jit
+def _turn_wait(turn, t, C: gl.constexpr, PINGPONG: gl.constexpr):
+    # Consumer 0 takes turns 0, 2, 4...; consumer 1 turns 1, 3, 5... Consumer 0's first wait
+    # passes on the fresh barrier (phase 1 complete).
+    if PINGPONG:
+        mbarrier.wait(turn.index(C), (t & 1) ^ (1 - C))
+
+
+@gluon.jit
+def _turn_pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - C), count=1)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, start_n, row0, diag, seqlen_k, qk_scale, need_mask,
+                  s_layout: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+    """Scores -> (p, new running max, alpha). ``need_mask`` (runtime) applies the causal and
+    ragged-key mask. A row that has seen no key keeps m = -inf and is shifted by 0 instead
+    (p and alpha become exactly 0, never exp2(-inf - -inf) = NaN)."""
+    BLOCK_M: gl.constexpr = s.shape[0]
+    BLOCK_N: gl.constexpr = s.shape[1]
+    if need_mask:
+        cols = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+        keep = cols[None, :] < seqlen_k
+        if CAUSAL:
+            rows = row0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, s_layout))
+            keep = keep & (cols[None, :] <= rows[:, None] + diag)
+        s = gl.where(keep, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - m_shift[:, None])
+    alpha = gl.exp2(m_i - m_shift)
+    return p, m_new, alpha
+
+
+@gluon.jit
+def _consumer(C: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+              Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
+    """One warpgroup: query rows [row0, row0 + BLOCK_M), row0 = m0 + C * BLOCK_M."""
+    dtype: gl.constexpr = o_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    row0 = m0 + C * BLOCK_M
+    diag = seqlen_k - seqlen_q
+    n_mine = gl.minimum(_n_blocks(row0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL), n_cta)
+    # Blocks [0, n_free) are fully visible to every row of this consumer: no mask.
+    if CAUSAL:
+        n_free = gl.minimum(gl.maximum(row0 + diag + 1, 0), seqlen_k) // BLOCK_N
+    else:
+        n_free = seqlen_k // BLOCK_N
+
+    q_tile = q_smem.index(C)
+    q = q_tile.reshape([BLOCK_M, HEAD_DIM])
+    mbarrier.wait(q_bar.index(C), 0)
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    t = 0  # turns taken (PINGPONG)
+    if n_mine > 0:
+        # Block 0: S_0 = Q K_0^T.
+        mbarrier.wait(k_ready.index(0), 0)
+        k_t = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        _turn_wait(turn, t, C, PINGPONG)
+        s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
+        _turn_pass(turn, C, PINGPONG)
+        t += 1
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, m_i, alpha = _softmax_step(
+            s, m_i, 0, row0, diag, seqlen_k, qk_scale, 0 >= n_free, s_layout, CAUSAL
+        )
+        l_i = gl.sum(p, 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, n_mine):
+            sj = j % NUM_STAGES
+            phj = (j // NUM_STAGES) & 1
+            sp = (j - 1) % NUM_STAGES
+            php = ((j - 1) // NUM_STAGES) & 1
+            mbarrier.wait(k_ready.index(sj), phj)
+            mbarrier.wait(v_ready.index(sp), php)
+            k_t = k_smem.index(sj).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+            v = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
+            _turn_wait(turn, t, C, PINGPONG)
+            # Issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both run while this warpgroup
+            # does the softmax of block j.
+            s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
+            o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+            _turn_pass(turn, C, PINGPONG)
+            t += 1
+            s = warpgroup_mma_wait(1, deps=(s_tok,))
+            mbarrier.arrive(k_empty.index(sj), count=1)
+            p, m_i, alpha = _softmax_step(s, m_i, j * BLOCK_N, row0, diag, seqlen_k, qk_scale, j >= n_free,
+                                          s_layout, CAUSAL)  # fmt: skip
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(sp), count=1)
+            acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        # Last PV.
+        jl = n_mine - 1
+        sl = jl % NUM_STAGES
+        mbarrier.wait(v_ready.index(sl), (jl // NUM_STAGES) & 1)
+        v = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
+        _turn_wait(turn, t, C, PINGPONG)
+        o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+        _turn_pass(turn, C, PINGPONG)
+        t += 1
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
+        mbarrier.arrive(v_empty.index(sl), count=1)
+
+    # Blocks the producer loaded for the other consumer only: release them unread.
+    for j in range(n_mine, n_cta):
+        s2 = j % NUM_STAGES
+        ph2 = (j // NUM_STAGES) & 1
+        mbarrier.wait(k_ready.index(s2), ph2)
+        mbarrier.arrive(k_empty.index(s2), count=1)
+        mbarrier.wait(v_ready.index(s2), ph2)
+        mbarrier.arrive(v_empty.index(s2), count=1)
+    if PINGPONG:
+        # Both consumers take n_cta + 1 turns (none if n_cta == 0), so neither waits forever.
+        n_turns = gl.where(n_cta > 0, n_cta + 1, 0)
+        for _ in range(t, n_turns):
+            _turn_wait(turn, t, C, PINGPONG)
+            _turn_pass(turn, C, PINGPONG)
+            t += 1
+
+    # Epilogue. Rows that saw no key have l = 0 and acc = 0: out 0, lse -inf.
+    seen = l_i > 0.0
+    l_safe = gl.where(seen, l_i, 1.0)
+    acc = acc * gl.convert_layout(1.0 / l_safe, orow_layout)[:, None]
+    LN2: gl.constexpr = 0.6931471805599453
+    lse = gl.where(seen, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
+    rows = row0 + gl.arange(0, BLOCK_M, row_layout)
+    lse_ptrs = Lse + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + rows
+    gl.store(lse_ptrs, lse, mask=rows < seqlen_q)
+    # Q is no longer read: its buffer stages the output for a TMA store (rows past S_q clip).
+    q.store(acc.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], q_tile)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+               Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+               CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
+    _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+              Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
+              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG)  # fmt: skip
+
+
+@gluon.jit
+def _consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+               Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+               CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
+    _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+              Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
+              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG)  # fmt: skip
+
+
+@gluon.jit
+def attn_fwd_gluon_kernel(
+    q_desc, k_desc, v_desc, o_desc, Lse, stride_lb, stride_lh,
+    H, GROUP, seqlen_q, seqlen_k, qk_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+):  # fmt: skip
+    """Grid: (cdiv(S_q, 2 * BLOCK_M) * B * H,), query blocks fastest (a head's programs share
+    its K/V in L2); causal launches each head's heaviest query block first. Launch with
+    num_warps=4 (consumer 0; consumer 1 and the producer are worker partitions)."""
+    gl.static_assert(BLOCK_M == 64)
+    gl.static_assert(HEAD_DIM % 16 == 0 and HEAD_DIM <= 256)
+    num_m = gl.cdiv(seqlen_q, 2 * BLOCK_M)
+    pid = gl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // GROUP  # GQA/MQA: the K/V head is indexed, never repeated
+    if CAUSAL:
+        start_m = num_m - 1 - pid_m
+    else:
+        start_m = pid_m
+    m0 = start_m * 2 * BLOCK_M
+    # The producer loads what the second (larger) consumer needs.
+    n_cta = _n_blocks(m0 + BLOCK_M, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release each tile
+        mbarrier.init(v_empty.index(i), count=2)
+
+    # Argument tuples are written inline: a tuple assigned to a name turns its constexprs
+    # into runtime values.
+    gl.warp_specialize(
+        [
+            (_consumer0, (o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+                          Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
+                          BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG)),
+            (_consumer1, (o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+                          Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
+                          BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         off_b, off_h, off_hk, m0, n_cta, BLOCK_M, BLOCK_N, NUM_STAGES)),
+        ],
+        [4, 1],
+        [240, 24],
+    )  # fmt: skip
