@@ -20,6 +20,7 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._backend import interpreter_enabled
+from . import launch_short
 from .kernels import fwd
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -286,8 +287,14 @@ def attention_varlen_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed forward. q (T_q, H, D); k, v (T_k, H_kv, D); cu_seqlens int32 (B + 1).
     Returns out (T_q, H, D) and lse float32 (H, T_q). No host sync: the grid comes from
-    ``max_seqlen_q``; programs past a sequence's end exit at once."""
+    ``max_seqlen_q``; programs past a sequence's end exit at once. Packed self-attention
+    over short sequences goes to ``launch_short`` (``short=False`` forces this kernel)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    short = options.pop("short", None)
+    if short is not False and launch_short.applies(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    ):
+        return launch_short.varlen_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale)
     t_q, h, _ = q.shape
     h_kv = k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1

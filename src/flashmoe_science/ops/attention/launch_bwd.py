@@ -32,6 +32,7 @@ import torch
 import triton
 
 from ..._backend import interpreter_enabled
+from . import launch_short
 from .kernels import bwd as _k
 
 # Measured (H100, bf16, 16k tokens, 7 cases, docs/attention_bwd.md): the separate dQ kernel
@@ -255,20 +256,27 @@ def attention_bwd(do, q, k, v, out, lse, causal: bool, scale: float):
 
 
 def attention_varlen_bwd(
-    do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal, scale
-):
+    do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal, scale,
+    short: bool | None = None,
+):  # fmt: skip
     """Varlen backward: do/q/out (T_q, H, D), k/v (T_k, H_kv, D), lse float32 (H, T_q),
-    ``cu_seqlens_*`` int32 (B + 1). Empty sequences are allowed; no host sync."""
+    ``cu_seqlens_*`` int32 (B + 1). Empty sequences are allowed; no host sync. Packed
+    self-attention over short sequences goes to ``launch_short`` (``short=False`` forces
+    the general kernels)."""
     _check(do=do, q=q, k=k, v=v, out=out)
-    if _interpreter_bf16(q):
-        up = [t.float() for t in (do, q, k, v, out)]
-        grads = attention_varlen_bwd(
-            *up, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
-        )
-        return tuple(g.to(torch.bfloat16) for g in grads)
     batch = cu_seqlens_q.shape[0] - 1
     if batch <= 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if short is not False and launch_short.applies(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    ):
+        return launch_short.varlen_bwd(do, q, k, v, out, lse, cu_seqlens_q, max_seqlen_q, causal, scale)
+    if _interpreter_bf16(q):
+        up = [t.float() for t in (do, q, k, v, out)]
+        grads = attention_varlen_bwd(
+            *up, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, short=False
+        )
+        return tuple(g.to(torch.bfloat16) for g in grads)
     return _run(
         do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch,
         max_seqlen_q, max_seqlen_k, causal, scale, varlen=True,
