@@ -11,7 +11,10 @@ Two implementations with *the same weights*:
 Ops (``op`` in the JSON rows, DESIGN.md's results schema):
 
 - ``science_screen``: predictions per second over enumerated candidates (chunks of equal
-  element count L, as ``flashmoe-science screen`` makes them), inference only;
+  element count L, as ``flashmoe-science screen`` makes them), inference only; on CUDA also
+  ``flashmoe_cuda_graphs``: the same forward captured once and replayed
+  (``GraphedPredictor``, what ``screen`` does). The plain model cannot be captured (its
+  expert loop calls ``nonzero``, a host sync);
 - ``science_train``: training samples per second (forward, backward, AdamW step) on
   batches of random compositions with 1..8 elements (mp_gap-like length mix; a
   throughput benchmark needs no real targets, and the GPU machine has no network).
@@ -40,7 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from flashmoe_science.science.featurize import MAX_Z, PackedBatch  # noqa: E402
-from flashmoe_science.science.model import CompositionTransformer  # noqa: E402
+from flashmoe_science.science.model import CompositionTransformer, GraphedPredictor  # noqa: E402
 
 CASES = [
     # model shape, screening chunk (candidates of L elements), training batch (compositions)
@@ -221,7 +224,16 @@ def run_case(case: dict, device, dtype, warmup: int, iters: int) -> list[dict]:
         ref = plain(sb)["band_gap"][0].float()
         got = flash(sb)["band_gap"][0].float()
     err = float((ref - got).abs().max() / (ref.abs().max() + 1e-6))
-    for impl, m in (("flashmoe", flash), ("plain_pytorch", plain)):
+    graphed = GraphedPredictor(flash, "band_gap")
+    if device.type == "cuda":
+        mu, _ = flash.predict(sb, "band_gap")
+        replay = graphed(sb)[0]
+        graph_err = float((replay - mu).abs().max() / (mu.abs().max() + 1e-6))
+        print(f"graph replay vs eager predict (same weights, same kernels): max rel diff {graph_err:.2e}")
+    variants = [("flashmoe", flash.forward), ("plain_pytorch", plain.forward)]
+    if device.type == "cuda":
+        variants.insert(1, ("flashmoe_cuda_graphs", graphed))
+    for impl, m in variants:
 
         def step(m=m):
             with torch.no_grad():
@@ -301,7 +313,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/science_throughput.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    hdr = f"{'op':15s} {'impl':14s} {'case':48s} {'ms':>9s} {'rate':>14s} {'speedup':>8s}"
+    hdr = f"{'op':15s} {'impl':22s} {'case':48s} {'ms':>9s} {'rate':>14s} {'speedup':>8s}"
     print(hdr)
     for r in rows:
         base = next(
@@ -316,7 +328,7 @@ def main(argv=None) -> int:
             else f"B{c['batch']}"
         )
         speedup = r["value"] / base
-        print(f"{r['op']:15s} {r['impl']:14s} {desc:48s} {r['ms']:9.2f} {r['value']:14,.0f} {speedup:7.2f}x")
+        print(f"{r['op']:15s} {r['impl']:22s} {desc:48s} {r['ms']:9.2f} {r['value']:14,.0f} {speedup:7.2f}x")
     errs = [r["check_rel_err_vs_plain"] for r in rows if "check_rel_err_vs_plain" in r]
     print(f"max relative difference flashmoe vs plain (screen outputs): {max(errs):.2e}")
     if args.out:

@@ -177,6 +177,60 @@ class CompositionTransformer(nn.Module):
         return mu * s + m, math.sqrt(2.0) * torch.exp(log_b) * s
 
 
+class GraphedPredictor:
+    """``model.predict(batch, task)`` replayed from CUDA graphs: one graph per batch shape
+    (tokens, compositions, longest, runs), captured on first sight, at most ``max_graphs``
+    (further shapes run eagerly). Screening feeds thousands of equal-shape chunks, where
+    per-launch CPU cost dominates an eager forward; the library's layers never synchronise
+    with the host on CUDA (no ``.item()``, no data-dependent shapes), so the whole forward
+    captures. A plain PyTorch expert loop (``nonzero`` per expert) cannot be captured.
+
+    Returns fresh tensors (copies of the graph's outputs). Off CUDA it calls ``predict``.
+    The model must not change between calls (weights are baked into the graphs by address:
+    in-place updates are seen, replaced parameters are not)."""
+
+    def __init__(self, model: CompositionTransformer, task: str, max_graphs: int = 8) -> None:
+        self.model, self.task, self.max_graphs = model, task, max_graphs
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = None
+
+    def __call__(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if not batch.z.is_cuda:
+            return self.model.predict(batch, self.task)
+        key = (batch.z.numel(), batch.num_compositions, batch.max_seqlen, batch.runs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                return self.model.predict(batch, self.task)
+            entry = self._graphs[key] = self._capture(batch)
+        static, graph, outputs = entry
+        for name in ("z", "frac", "cu_seqlens", "seg"):
+            getattr(static, name).copy_(getattr(batch, name))
+        graph.replay()
+        return tuple(t.clone() for t in outputs)
+
+    def _capture(self, batch: PackedBatch):
+        static = PackedBatch(
+            batch.z.clone(),
+            batch.frac.clone(),
+            batch.cu_seqlens.clone(),
+            batch.seg.clone(),
+            batch.max_seqlen,
+            batch.runs,
+        )
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: autotuning, compilation
+            for _ in range(2):
+                self.model.predict(static, self.task)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = self.model.predict(static, self.task)
+        self._pool = graph.pool()
+        return static, graph, outputs
+
+
 def laplace_nll(mu: torch.Tensor, log_b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of a Laplace(mu, b): |y - mu| / b + log b (CrabNet's robust
     L1 loss up to constants). Its minimiser in mu is the median, so it trains for MAE."""
@@ -203,6 +257,7 @@ def model_from_config(config: dict) -> CompositionTransformer:
 __all__ = [
     "CompositionTransformer",
     "FractionEncoding",
+    "GraphedPredictor",
     "laplace_nll",
     "model_from_config",
     "regression_loss",

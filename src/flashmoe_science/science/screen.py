@@ -202,12 +202,24 @@ def screen(
     require_charge_balance: bool = False,
     progress: bool = True,
     seed: int = 0,
+    cuda_graphs: bool = True,
 ) -> ScreenResult:
-    """Predict every candidate of ``space`` and keep the ``top_k`` by ``objective``."""
+    """Predict every candidate of ``space`` and keep the ``top_k`` by ``objective``. On CUDA
+    each chunk shape's forward is captured once as a CUDA graph and replayed
+    (:class:`~flashmoe_science.science.model.GraphedPredictor`; ``cuda_graphs=False`` runs
+    it eagerly)."""
+    from .model import GraphedPredictor
     from .train import for_inference
 
     device = next(model.parameters()).device
     model = for_inference(model)
+    if cuda_graphs and device.type == "cuda":
+        predict = GraphedPredictor(model, task)
+    else:
+
+        def predict(batch):
+            return model.predict(batch, task)
+
     if objective not in ("max", "min") and not objective.startswith("target:"):
         _objective_score(torch.zeros(1), torch.zeros(1), objective, kappa)  # raises with the message
     total = space.size()
@@ -238,7 +250,7 @@ def screen(
             if len(z) == 0:
                 continue
         batch = chunk_batch(z, amounts, device)
-        mean, std = model.predict(batch, task)
+        mean, std = predict(batch)
         mean = mean.float().clamp_min(0.0)
         std = std.float()
         score = _objective_score(mean, std, objective, kappa)
