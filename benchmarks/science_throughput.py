@@ -56,7 +56,7 @@ CASES = [
         "ffn": 128,
         "chunk": 65536,
         "L": 3,
-        "batch": 1024,
+        "batches": (1024, 8192),
     },
     {
         "dim": 256,
@@ -67,7 +67,7 @@ CASES = [
         "ffn": 512,
         "chunk": 65536,
         "L": 4,
-        "batch": 1024,
+        "batches": (1024, 8192),
     },
 ]
 SMOKE_CASES = [
@@ -80,7 +80,7 @@ SMOKE_CASES = [
         "ffn": 64,
         "chunk": 2048,
         "L": 3,
-        "batch": 128,
+        "batches": (128,),
     },
 ]
 
@@ -252,8 +252,15 @@ def run_case(case: dict, device, dtype, warmup: int, iters: int) -> list[dict]:
             }
         )
 
-    # --- training: forward + backward + AdamW on a mixed-length batch
-    tb, y = train_batch(case["batch"], device, gen)
+    # --- training: forward + backward + AdamW on a mixed-length batch, per batch size
+    for size in case["batches"]:
+        rows.extend(_train_rows(flash, plain, size, shape, device, gen, warmup, iters))
+    return rows
+
+
+def _train_rows(flash, plain, size, shape, device, gen, warmup, iters) -> list[dict]:
+    rows = []
+    tb, y = train_batch(size, device, gen)
     for impl, m in (("flashmoe", flash), ("plain_pytorch", plain)):
         m.train()
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
@@ -272,15 +279,10 @@ def run_case(case: dict, device, dtype, warmup: int, iters: int) -> list[dict]:
             {
                 "op": "science_train",
                 "impl": impl,
-                "case": {
-                    **shape,
-                    "batch": case["batch"],
-                    "tokens": int(tb.cu_seqlens[-1]),
-                    "max_len": tb.max_seqlen,
-                },
+                "case": {**shape, "batch": size, "tokens": int(tb.cu_seqlens[-1]), "max_len": tb.max_seqlen},
                 "ms": sec * 1e3,
                 "metric": "samples_per_s",
-                "value": case["batch"] / sec,
+                "value": size / sec,
             }
         )
     return rows
