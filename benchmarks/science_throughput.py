@@ -224,6 +224,21 @@ def run_case(case: dict, device, dtype, warmup: int, iters: int) -> list[dict]:
         ref = plain(sb)["band_gap"][0].float()
         got = flash(sb)["band_gap"][0].float()
     err = float((ref - got).abs().max() / (ref.abs().max() + 1e-6))
+    if dtype != torch.float32:
+        # Both bf16 models against the plain model in float32 (same weights): how far each
+        # is from the higher-precision answer, and on how many outputs (> 1% of the scale).
+        oracle = PlainCompositionTransformer(flash).to(device=device, dtype=torch.float32).eval()
+        with torch.no_grad():
+            r32 = oracle(sb)["band_gap"][0].float()
+        scale = r32.abs().max() + 1e-6
+        for name, o in (("flashmoe", got), ("plain_pytorch", ref)):
+            d = (o - r32).abs() / scale
+            print(
+                f"{name} bf16 vs plain float32: max rel {float(d.max()):.2e}, "
+                f"median {float(d.median()):.2e}, "
+                f"outputs off by > 1%: {int((d > 0.01).sum())} of {d.numel()}"
+            )
+        del oracle
     graphed = GraphedPredictor(flash, "band_gap")
     if device.type == "cuda":
         mu, _ = flash.predict(sb, "band_gap")
