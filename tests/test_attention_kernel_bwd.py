@@ -200,3 +200,28 @@ def test_gradcheck_reference_plumbing(monkeypatch):
     k = torch.randn(1, 1, 5, 4, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 1, 5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: flash_attention_science(a, b, c, causal=True), (q, k, v))
+
+
+def test_batch_times_heads_over_the_grid_y_limit(monkeypatch, poisoned_alloc):
+    """Packed batches of >65,535 (sequence, head) pairs split them over grid axes 1 and 2;
+    the limit is lowered here so the split (and the exit of the spare programs) runs small."""
+    monkeypatch.setattr(launch_bwd, "_MAX_GRID_Y", 3)
+    assert launch_bwd._bh_axes(10) == (3, 4) and launch_bwd._bh_axes(3) == (3, 1)
+    lq = lk = [9, 0, 17, 4, 30]
+    h = h_kv = 2
+    q, cu_q = _pack(lq, h, 32, torch.float16)
+    k, cu_k = _pack(lk, h_kv, 32, torch.float16)
+    v = torch.randn_like(k)
+    scale = 32**-0.5
+    out, lse = reference.attention_varlen_ref(q, k, v, cu_q, cu_k, True, scale)
+    do = torch.randn_like(q)
+    grads = launch_bwd.attention_varlen_bwd(
+        do, q, k, v, out, lse, cu_q, cu_k, 30, 30, True, scale, short=False
+    )
+
+    def ref_fn(q_, k_, v_, causal_, scale_, compute_dtype):
+        return reference.attention_varlen_ref(
+            q_, k_, v_, cu_q, cu_k, causal_, scale_, compute_dtype=compute_dtype
+        )
+
+    check_grads(grads, *reference_grads(q, k, v, do, True, scale, ref_fn))

@@ -175,6 +175,16 @@ def _lse_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+_MAX_GRID_Y = 65535
+
+
+def _bh_axes(num_bh: int) -> tuple[int, int]:
+    """Grid axes 1 and 2 for ``num_bh`` (batch, head) pairs: a y axis holds at most 65,535
+    (packed batches of tens of thousands of sequences exceed it); kernels exit past num_bh."""
+    z = triton.cdiv(num_bh, _MAX_GRID_Y)
+    return triton.cdiv(num_bh, z), z
+
+
 def _run(do, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, varlen):
     """Shared launcher for the dense (varlen=False) and packed layouts."""
     h, d = (q.shape[1], q.shape[-1])
@@ -189,10 +199,10 @@ def _run(do, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, 
         cu_q = cu_k = lse
     common = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=bool(causal), IS_VARLEN=varlen)
 
-    _k._bwd_preprocess[(triton.cdiv(max_q, _PRE_BLOCK_M), batch * h)](
+    _k._bwd_preprocess[(triton.cdiv(max_q, _PRE_BLOCK_M), *_bh_axes(batch * h))](
         out, do, delta, cu_q,
         *_strides3(out, varlen), *_strides3(do, varlen), *_lse_strides(delta, varlen),
-        max_q, h,
+        max_q, h, batch * h,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_PRE_BLOCK_M, IS_VARLEN=varlen,
     )  # fmt: skip
 
@@ -202,14 +212,14 @@ def _run(do, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, 
     kernel = _dkdv_atomic if atomic else _dkdv
 
     def grid_dkdv(meta):
-        return (triton.cdiv(max_k, meta["BLOCK_N"]), batch * h_kv)
+        return (triton.cdiv(max_k, meta["BLOCK_N"]), *_bh_axes(batch * h_kv))
 
     args = (
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
         *_lse_strides(lse, varlen), *_lse_strides(delta, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), *dq_acc_strides,
-        max_q, max_k, h_kv, group, scale,
+        max_q, max_k, h_kv, group, scale, batch * h_kv,
     )  # fmt: skip
     _launch(kernel, _DKDV_TABLE, grid_dkdv, args, dict(DQ_ATOMIC=atomic, **common))
 
@@ -218,13 +228,13 @@ def _run(do, q, k, v, out, lse, cu_q, cu_k, batch, max_q, max_k, causal, scale, 
         return dq, dk, dv
 
     def grid_dq(meta):
-        return (triton.cdiv(max_q, meta["BLOCK_M"]), batch * h)
+        return (triton.cdiv(max_q, meta["BLOCK_M"]), *_bh_axes(batch * h))
 
     args = (
         q, k, v, do, lse, delta, dq, cu_q, cu_k,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
         *_lse_strides(lse, varlen), *_lse_strides(delta, varlen), *_strides3(dq, varlen),
-        max_q, max_k, h, group, scale,
+        max_q, max_k, h, group, scale, batch * h,
     )  # fmt: skip
     _launch(_dq, _DQ_TABLE, grid_dq, args, common)
     return dq, dk, dv

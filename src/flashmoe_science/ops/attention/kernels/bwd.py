@@ -81,7 +81,15 @@ def _load_lse2(lse_ptrs, offs_m, seqlen_q):
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "H"])
+@triton.jit
+def _pid_bh():
+    """The (batch, head) index of this program: grid axes 1 and 2 together (``launch_bwd``
+    splits batch * heads over both when it exceeds the 65,535 limit of a y axis; programs
+    past ``NUM_BH`` exit)."""
+    return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "H", "NUM_BH"])
 def _bwd_preprocess(
     O,
     DO,
@@ -98,6 +106,7 @@ def _bwd_preprocess(
     stride_deltas,
     seqlen_q,
     H,
+    NUM_BH,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -105,7 +114,9 @@ def _bwd_preprocess(
 ):
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] (float32)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = _pid_bh()
+    if pid_bh >= NUM_BH:
+        return
     b = pid_bh // H
     h = pid_bh % H
     q_start, seqlen_q = _seq_bounds(cu_seqlens_q, b, seqlen_q, IS_VARLEN)
@@ -207,7 +218,7 @@ def _dkdv_inner(
 
 # Sequence lengths and head counts vary per call: not specialised, so one compiled kernel
 # serves every shape (strides stay specialised: their divisibility enables wide loads).
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "H_KV", "GROUP"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "H_KV", "GROUP", "NUM_BH"])
 def _bwd_dkdv(
     Q,
     K,
@@ -252,6 +263,7 @@ def _bwd_dkdv(
     H_KV,
     GROUP,
     scale,
+    NUM_BH,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -262,7 +274,9 @@ def _bwd_dkdv(
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs blocks of at least 16")
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = _pid_bh()
+    if pid_bh >= NUM_BH:
+        return
     b = pid_bh // H_KV
     hk = pid_bh % H_KV
     q_start, seqlen_q = _seq_bounds(cu_seqlens_q, b, seqlen_q, IS_VARLEN)
@@ -393,7 +407,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "H", "GROUP"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "H", "GROUP", "NUM_BH"])
 def _bwd_dq(
     Q,
     K,
@@ -430,6 +444,7 @@ def _bwd_dq(
     H,
     GROUP,
     scale,
+    NUM_BH,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -439,7 +454,9 @@ def _bwd_dq(
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs blocks of at least 16")
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = _pid_bh()
+    if pid_bh >= NUM_BH:
+        return
     b = pid_bh // H
     hq = pid_bh % H
     hk = hq // GROUP
