@@ -229,7 +229,8 @@ def run_case(case: dict, device, dtype, warmup: int, iters: int) -> list[dict]:
         # Both bf16 models against the plain model in float32 (same weights): how far each
         # is from the higher-precision answer, and on how many outputs (> 1% of the scale).
         # A deep copy: the plain model shares the flash model's embedding and head modules.
-        oracle = PlainCompositionTransformer(copy.deepcopy(flash)).to(device=device, dtype=torch.float32).eval()
+        oracle = PlainCompositionTransformer(copy.deepcopy(flash))
+        oracle = oracle.to(device=device, dtype=torch.float32).eval()
         with torch.no_grad():
             r32 = oracle(sb)["band_gap"][0].float()
         scale = r32.abs().max() + 1e-6
