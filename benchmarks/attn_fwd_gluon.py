@@ -24,10 +24,11 @@ import time
 
 import torch
 
-# (BLOCK_M per consumer, BLOCK_N, NUM_STAGES, PINGPONG)
+# (BLOCK_M per consumer, BLOCK_N, NUM_STAGES, PINGPONG, consumers, persistent)
+# schedule: 0 one program per tile, 1 persistent round-robin, 2 persistent snake (launch_gluon).
 CONFIGS = {
-    128: [(64, 128, 2, True), (64, 128, 2, False), (64, 128, 3, True)],
-    64: [(64, 128, 3, True), (64, 128, 2, True), (64, 128, 4, True), (64, 128, 3, False)],
+    128: [(64, 128, 2, False, 2, 1), (64, 128, 2, False, 2, 0), (64, 128, 2, False, 2, 2)],
+    64: [(64, 128, 3, False, 3, 2), (64, 128, 3, False, 3, 0)],
 }
 # (B, H, H_kv, S_q, S_k, D, causal, dtype, bshd_view)
 CHECK_CASES = [
@@ -41,18 +42,24 @@ CHECK_CASES = [
     (2, 8, 2, 777, 777, 128, True, torch.bfloat16, True),  # transposed (B, S, H, D) views
     (1, 4, 4, 4096, 4096, 128, True, torch.bfloat16, False),
     (1, 4, 4, 4096, 4096, 128, False, torch.float16, False),
+    (4, 16, 4, 1500, 1700, 128, True, torch.bfloat16, False),  # more tiles than SMs
     (2, 4, 4, 1000, 1000, 64, False, torch.bfloat16, False),
     (1, 8, 2, 777, 1333, 64, True, torch.bfloat16, False),
     (1, 4, 4, 1000, 300, 64, True, torch.float16, False),
     (1, 4, 4, 2048, 2048, 64, True, torch.bfloat16, True),
+    (4, 16, 4, 1500, 1700, 64, True, torch.bfloat16, False),  # more tiles than SMs
 ]
 BENCH_CASES = [  # (B, H, H_kv, S, D, causal): 16k tokens as in issue 3
     *[(16384 // s, 16, 16, s, 128, c) for c in (False, True) for s in (2048, 4096, 8192, 16384)],
     (4, 32, 8, 4096, 128, True),  # GQA 32:8
     (4, 32, 32, 4096, 64, False),
     (4, 32, 32, 4096, 64, True),
+    (1, 32, 32, 16384, 64, False),
+    (1, 32, 32, 16384, 64, True),
     (16, 16, 16, 1024, 128, False),
     (16, 16, 16, 1024, 128, True),
+    (32, 16, 16, 512, 128, False),
+    (32, 16, 16, 512, 128, True),
 ]
 
 
@@ -79,6 +86,7 @@ def phase_check(d, cfg_index):
     from flashmoe_science.ops.attention import launch_gluon, reference
 
     cfg = CONFIGS[d][cfg_index]
+    real_num_sms = launch_gluon._num_sms
     n_ok = n = 0
     t0 = time.time()
     for i, (b, h, h_kv, s_q, s_k, dd, causal, dtype, bshd) in enumerate(CHECK_CASES):
@@ -88,26 +96,32 @@ def phase_check(d, cfg_index):
         scale = d**-0.5
         r_out, r_lse = reference.attention_ref(q, k, v, causal, scale, compute_dtype=torch.float64)
         p_out, p_lse = reference.attention_ref(q, k, v, causal, scale, compute_dtype=dtype)
-        n += 1
-        out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
-        lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device="cuda")
-        mask = "causal" if causal else "full"
-        tag = f"b{b} h{h}/{h_kv} {s_q}x{s_k} d{d} {mask} {dtype} bshd={bshd} cfg={cfg}"
-        try:
-            assert launch_gluon.supported(q, k, v), "not supported"
-            launch_gluon.attention_fwd(q, k, v, causal, scale, config=cfg, out=out, lse=lse)
-            torch.cuda.synchronize()
-            assert_close_rule(out, r_out, p_out, name="out")
-            assert_close_rule(lse, r_lse, p_lse.float(), name="lse")
-            n_ok += 1
-            print(f"[check] PASS {tag}", flush=True)
-        except Exception as exc:  # report every case, not just the first failure
-            print(f"[check] FAIL {tag}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        # Persistent configs also run on 7 programs, so that every program loops over many tiles.
+        for programs in (None, 7) if cfg[5] else (None,):
+            n += 1
+            launch_gluon._num_sms = real_num_sms if programs is None else (lambda device, p=programs: p)
+            out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
+            lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device="cuda")
+            mask = "causal" if causal else "full"
+            tag = (
+                f"b{b} h{h}/{h_kv} {s_q}x{s_k} d{d} {mask} {dtype} bshd={bshd} cfg={cfg} programs={programs}"
+            )
+            try:
+                assert launch_gluon.supported(q, k, v), "not supported"
+                launch_gluon.attention_fwd(q, k, v, causal, scale, config=cfg, out=out, lse=lse)
+                torch.cuda.synchronize()
+                assert_close_rule(out, r_out, p_out, name="out")
+                assert_close_rule(lse, r_lse, p_lse.float(), name="lse")
+                n_ok += 1
+                print(f"[check] PASS {tag}", flush=True)
+            except Exception as exc:  # report every case, not just the first failure
+                print(f"[check] FAIL {tag}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    launch_gluon._num_sms = real_num_sms
     print(f"[check] D{d} cfg {cfg}: {n_ok}/{n} passed ({time.time() - t0:.1f}s)", flush=True)
     return n_ok == n
 
 
-def run_checks(timeout_s=90, parallel=4):
+def run_checks(timeout_s=100, parallel=6):
     """Each config's check in its own process; returns the configs that passed."""
     import subprocess
 
@@ -157,7 +171,10 @@ def _impls(q, k, v, causal, scale, gluon_configs):
 
     impls = {
         "sdpa_cudnn": functools.partial(_cudnn, q, k, v, causal, scale),
-        "triton": functools.partial(launch.attention_fwd, q, k, v, causal, scale),
+        # Any option keeps launch.attention_fwd on its Triton kernel.
+        "triton": functools.partial(launch.attention_fwd, q, k, v, causal, scale, use_tma=None),
+        # The library's dispatch: the Gluon kernel with its default config where it applies.
+        "flashmoe": functools.partial(launch.attention_fwd, q, k, v, causal, scale),
     }
     for cfg in gluon_configs:
         name = "gluon_" + "_".join(str(int(x)) for x in cfg)
@@ -192,13 +209,13 @@ def phase_bench(out_dir, autotune, configs):
                 rows.append(dict(op="attention_fwd", impl=name, case=case, ms=ms, tflops=got[name]))
             except Exception as exc:
                 print(f"[bench] {name} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-        best = max((t for n, t in got.items() if n.startswith("gluon")), default=math.nan)
+        best = got.get("flashmoe", math.nan)
         line = "  ".join(f"{n} {t:6.1f}" for n, t in got.items())
         x_cudnn = best / got.get("sdpa_cudnn", math.nan)
         x_triton = best / got.get("triton", math.nan)
         mask = "causal" if causal else "full  "
         print(
-            f"[bench] b{b} h{h}/{h_kv} s{s} d{d} {mask}: {line}  | best gluon x_cudnn {x_cudnn:.2f} "
+            f"[bench] b{b} h{h}/{h_kv} s{s} d{d} {mask}: {line}  | flashmoe x_cudnn {x_cudnn:.2f} "
             f"x_triton {x_triton:.2f}",
             flush=True,
         )

@@ -13,7 +13,7 @@ import torch
 from _numerics import assert_close_rule
 
 from flashmoe_science import flash_attention_science, flash_attention_varlen
-from flashmoe_science.ops.attention import launch, reference
+from flashmoe_science.ops.attention import launch, launch_gluon, reference
 
 pytestmark = pytest.mark.gpu
 
@@ -50,10 +50,16 @@ def _check_dense(q, k, v, causal, out, lse):
     assert_close_rule(lse, r_lse, p_lse.float(), name="lse")
 
 
+@pytest.mark.parametrize("gluon", ["1", "0"], ids=["dispatch", "triton-only"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", HEAD_DIMS, ids=[f"D{d}" for d in HEAD_DIMS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-def test_dense(dtype, d, causal):
+def test_dense(dtype, d, causal, gluon, monkeypatch):
+    """Through the public API; on Hopper D 64/128 dispatch to the Gluon kernel, and
+    FLASHMOE_ATTN_GLUON=0 keeps the Triton kernel tested there too."""
+    if gluon == "0" and d not in launch_gluon.HEAD_DIMS:
+        pytest.skip("only the Triton kernel runs this head dim anyway")
+    monkeypatch.setenv("FLASHMOE_ATTN_GLUON", gluon)
     for b, h, h_kv, s_q, s_k in SHAPES:
         q = torch.randn(b, h, s_q, d, device="cuda", dtype=dtype)
         k = torch.randn(b, h_kv, s_k, d, device="cuda", dtype=dtype)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from _numerics import assert_close_rule
 
-from flashmoe_science.ops.attention import launch_gluon, reference
+from flashmoe_science import flash_attention_science
+from flashmoe_science.ops.attention import launch, launch_gluon, reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -57,15 +58,30 @@ def test_dense(dtype, d, causal):
         _check(q, k, v, causal)
 
 
-@pytest.mark.parametrize("pingpong", [False, True], ids=["no-pingpong", "pingpong"])
-@pytest.mark.parametrize("stages", [2, 3], ids=["2-stages", "3-stages"])
-def test_configs(stages, pingpong):
-    """Other pipeline depths and the consumers' scheduling give the same results."""
-    q = torch.randn(2, 4, 1100, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(2, 2, 1300, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(2, 2, 1300, 128, device="cuda", dtype=torch.bfloat16)
+CONFIGS = [  # (BLOCK_M, BLOCK_N, stages, ping-pong, consumers, schedule)
+    pytest.param(128, (64, 128, 2, True, 2, 0), id="D128-pingpong"),
+    pytest.param(128, (64, 128, 2, False, 2, 1), id="D128-persistent"),
+    pytest.param(128, (64, 128, 2, True, 2, 2), id="D128-snake-pingpong"),
+    pytest.param(64, (64, 128, 3, True, 2, 0), id="D64-2-consumers"),
+    pytest.param(64, (64, 128, 3, True, 3, 1), id="D64-3-consumers-persistent-pingpong"),
+    pytest.param(64, (64, 128, 3, False, 3, 2), id="D64-3-consumers-snake"),
+]
+
+
+@pytest.mark.parametrize("programs", [None, 5], ids=["sm-count", "5-programs"])
+@pytest.mark.parametrize("d, config", CONFIGS)
+def test_configs(d, config, programs, monkeypatch):
+    """Other pipeline depths, consumer counts and schedules give the same results; persistent
+    configs on 5 programs loop over many tiles each."""
+    if programs is not None:
+        if not config[5]:
+            pytest.skip("the program count matters for persistent configs only")
+        monkeypatch.setattr(launch_gluon, "_num_sms", lambda device: programs)
+    q = torch.randn(2, 4, 1100, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 1300, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 2, 1300, d, device="cuda", dtype=torch.bfloat16)
     for causal in (False, True):
-        _check(q, k, v, causal, config=(64, 128, stages, pingpong))
+        _check(q, k, v, causal, config=config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -97,3 +113,34 @@ def test_unsupported_falls_outside():
     assert not launch_gluon.supported(q, q, q)
     q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.float32)
     assert not launch_gluon.supported(q, q, q)
+
+
+@pytest.mark.parametrize("gluon", ["1", "0"], ids=["gluon", "FLASHMOE_ATTN_GLUON=0"])
+def test_public_api_dispatch(gluon, monkeypatch):
+    """The dense forward runs the Gluon kernel where it applies, unless switched off."""
+    monkeypatch.setenv("FLASHMOE_ATTN_GLUON", gluon)
+    monkeypatch.setenv("FLASHMOE_BACKEND", "auto")
+    calls = []
+    real = launch_gluon.attention_fwd
+    monkeypatch.setattr(launch_gluon, "attention_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(launch, "_empty", poisoned)
+    q = torch.randn(2, 8, 333, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 555, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 2, 555, 128, device="cuda", dtype=torch.bfloat16)
+    out, lse = flash_attention_science(q, k, v, causal=True, return_lse=True)
+    assert len(calls) == (1 if gluon == "1" else 0)
+    r_out, r_lse = reference.attention_ref(q, k, v, True, 128**-0.5, compute_dtype=torch.float64)
+    p_out, p_lse = reference.attention_ref(q, k, v, True, 128**-0.5, compute_dtype=q.dtype)
+    assert_close_rule(out, r_out, p_out, name="out")
+    assert_close_rule(lse, r_lse, p_lse.float(), name="lse")
+
+
+def test_broadcast_kv_is_not_covered():
+    """An expanded (stride-0) K/V head dim is no TMA layout: it stays on the Triton kernel."""
+    q = torch.randn(1, 4, 64, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16).expand(1, 4, 64, 128)
+    assert not launch_gluon.supported(q, k, k)

@@ -54,43 +54,92 @@ def _n_blocks(m0, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constex
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-              off_b, off_h, off_hk, m0, n_cta, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              NUM_STAGES: gl.constexpr):  # fmt: skip
-    """One warp: Q sub-tiles once, then K_j, V_j for j < n_cta into the ring."""
-    for c in gl.static_range(2):
-        mbarrier.expect(q_bar.index(c), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            q_desc, [off_b, off_h, m0 + c * BLOCK_M, 0], q_bar.index(c), q_smem.index(c)
-        )
-    for j in range(n_cta):
-        s = j % NUM_STAGES
-        ph = (j // NUM_STAGES) & 1
-        # Fresh barriers count as having completed phase 1: the first lap does not wait.
-        mbarrier.wait(k_empty.index(s), ph ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            k_desc, [off_b, off_hk, j * BLOCK_N, 0], k_ready.index(s), k_smem.index(s)
-        )
-        mbarrier.wait(v_empty.index(s), ph ^ 1)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            v_desc, [off_b, off_hk, j * BLOCK_N, 0], v_ready.index(s), v_smem.index(s)
-        )
+def _tile(tile, num_m, H, GROUP, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+          NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+    """Tile index -> (b, h, h_kv, first query row, key blocks the tile's last consumer sees).
+    Query blocks run fastest (a head's tiles run together and share its K/V in L2); causal
+    takes each head's heaviest query block first."""
+    pid_m = tile % num_m
+    pid_bh = tile // num_m
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // GROUP  # GQA/MQA: the K/V head is indexed, never repeated
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    m0 = pid_m * (NUM_CONSUMERS * BLOCK_M)
+    n_cta = _n_blocks(m0 + (NUM_CONSUMERS - 1) * BLOCK_M, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    return off_b, off_h, off_hk, m0, n_cta
+
+
+@gluon.jit
+def _tile_id(i, SNAKE: gl.constexpr):
+    """Tile of this program's round i: program p takes i * grid + p, or with SNAKE every other
+    round counts down (i * grid + grid - 1 - p), pairing heavy and light causal tiles so the
+    programs stay in step (and keep working on neighbouring heads, which share L2)."""
+    grid = gl.num_programs(0)
+    pid = gl.program_id(0)
+    if SNAKE:
+        return i * grid + gl.where(i % 2 == 1, grid - 1 - pid, pid)
+    else:
+        return i * grid + pid
+
+
+@gluon.jit
+def _num_rounds(num_tiles, SNAKE: gl.constexpr):
+    """Rounds in which this program has a tile (the same count in every partition)."""
+    rounds = gl.cdiv(num_tiles, gl.num_programs(0))
+    return gl.where(_tile_id(rounds - 1, SNAKE) < num_tiles, rounds, rounds - 1)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+              v_empty, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+              CAUSAL: gl.constexpr, SNAKE: gl.constexpr):  # fmt: skip
+    """One warp: per tile, the consumers' Q sub-tiles, then K_j, V_j into the ring. Ring
+    positions count on across tiles, so the next tile's loads start as soon as slots free up."""
+    kv = 0
+    it = 0
+    for i in range(_num_rounds(num_tiles, SNAKE)):
+        tile = _tile_id(i, SNAKE)
+        off_b, off_h, off_hk, m0, n_cta = _tile(tile, num_m, H, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
+                                                NUM_CONSUMERS, CAUSAL)  # fmt: skip
+        for c in gl.static_range(NUM_CONSUMERS):
+            # Fresh barriers count as having completed phase 1: the first wait passes.
+            mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)
+            mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                q_desc, [off_b, off_h, m0 + c * BLOCK_M, 0], q_ready.index(c), q_smem.index(c)
+            )
+        for j in range(n_cta):
+            s = kv % NUM_STAGES
+            ph = (kv // NUM_STAGES) & 1
+            mbarrier.wait(k_empty.index(s), ph ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                k_desc, [off_b, off_hk, j * BLOCK_N, 0], k_ready.index(s), k_smem.index(s)
+            )
+            mbarrier.wait(v_empty.index(s), ph ^ 1)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                v_desc, [off_b, off_hk, j * BLOCK_N, 0], v_ready.index(s), v_smem.index(s)
+            )
+            kv += 1
+        it += 1
 
 
 @gluon.jit
 def _turn_wait(turn, t, C: gl.constexpr, PINGPONG: gl.constexpr):
-    # Consumer 0 takes turns 0, 2, 4...; consumer 1 turns 1, 3, 5... Consumer 0's first wait
-    # passes on the fresh barrier (phase 1 complete).
+    # Consumers issue their MMAs in turn, 0, 1, (2,) 0, 1, ...: consumer C waits for the arrival
+    # of the one before it. Consumer 0's first wait passes on the fresh barrier.
     if PINGPONG:
-        mbarrier.wait(turn.index(C), (t & 1) ^ (1 - C))
+        mbarrier.wait(turn.index(C), (t & 1) ^ (1 if C == 0 else 0))
 
 
 @gluon.jit
-def _turn_pass(turn, C: gl.constexpr, PINGPONG: gl.constexpr):
+def _turn_pass(turn, C: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
     if PINGPONG:
-        mbarrier.arrive(turn.index(1 - C), count=1)
+        mbarrier.arrive(turn.index((C + 1) % NUM_CONSUMERS), count=1)
 
 
 @gluon.jit
@@ -116,11 +165,12 @@ def _softmax_step(s, m_i, start_n, row0, diag, seqlen_k, qk_scale, need_mask,
 
 
 @gluon.jit
-def _consumer(C: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
-    """One warpgroup: query rows [row0, row0 + BLOCK_M), row0 = m0 + C * BLOCK_M."""
+def _consumer(C: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+              v_ready, v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k,
+              qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
+              PINGPONG: gl.constexpr, SNAKE: gl.constexpr):  # fmt: skip
+    """One warpgroup: per tile, query rows [row0, row0 + BLOCK_M), row0 = m0 + C * BLOCK_M."""
     dtype: gl.constexpr = o_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])  # fmt: skip
@@ -129,188 +179,235 @@ def _consumer(C: gl.constexpr, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    row0 = m0 + C * BLOCK_M
-    diag = seqlen_k - seqlen_q
-    n_mine = gl.minimum(_n_blocks(row0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL), n_cta)
-    # Blocks [0, n_free) are fully visible to every row of this consumer: no mask.
-    if CAUSAL:
-        n_free = gl.minimum(gl.maximum(row0 + diag + 1, 0), seqlen_k) // BLOCK_N
-    else:
-        n_free = seqlen_k // BLOCK_N
+    LN2: gl.constexpr = 0.6931471805599453
 
     q_tile = q_smem.index(C)
     q = q_tile.reshape([BLOCK_M, HEAD_DIM])
-    mbarrier.wait(q_bar.index(C), 0)
-
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
-    l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    o_tile = o_smem.index(C)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    diag = seqlen_k - seqlen_q
+    kv = 0  # ring position of this tile's first K/V block (counts on across tiles)
+    it = 0  # tiles done
     t = 0  # turns taken (PINGPONG)
-    if n_mine > 0:
-        # Block 0: S_0 = Q K_0^T.
-        mbarrier.wait(k_ready.index(0), 0)
-        k_t = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        _turn_wait(turn, t, C, PINGPONG)
-        s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
-        _turn_pass(turn, C, PINGPONG)
-        t += 1
-        s = warpgroup_mma_wait(0, deps=(s_tok,))
-        mbarrier.arrive(k_empty.index(0), count=1)
-        p, m_i, alpha = _softmax_step(
-            s, m_i, 0, row0, diag, seqlen_k, qk_scale, 0 >= n_free, s_layout, CAUSAL
-        )
-        l_i = gl.sum(p, 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(1, n_mine):
-            sj = j % NUM_STAGES
-            phj = (j // NUM_STAGES) & 1
-            sp = (j - 1) % NUM_STAGES
-            php = ((j - 1) // NUM_STAGES) & 1
-            mbarrier.wait(k_ready.index(sj), phj)
-            mbarrier.wait(v_ready.index(sp), php)
-            k_t = k_smem.index(sj).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-            v = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
+    for i in range(_num_rounds(num_tiles, SNAKE)):
+        tile = _tile_id(i, SNAKE)
+        off_b, off_h, off_hk, m0, n_cta = _tile(tile, num_m, H, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
+                                                NUM_CONSUMERS, CAUSAL)  # fmt: skip
+        row0 = m0 + C * BLOCK_M
+        n_mine = gl.minimum(_n_blocks(row0, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL), n_cta)
+        # Blocks [0, n_free) are fully visible to every row of this consumer: no mask.
+        if CAUSAL:
+            n_free = gl.minimum(gl.maximum(row0 + diag + 1, 0), seqlen_k) // BLOCK_N
+        else:
+            n_free = seqlen_k // BLOCK_N
+
+        mbarrier.wait(q_ready.index(C), it & 1)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        if n_mine > 0:
+            # Block 0: S_0 = Q K_0^T.
+            s0 = kv % NUM_STAGES
+            mbarrier.wait(k_ready.index(s0), (kv // NUM_STAGES) & 1)
+            k_t = k_smem.index(s0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
             _turn_wait(turn, t, C, PINGPONG)
-            # Issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both run while this warpgroup
-            # does the softmax of block j.
             s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
-            o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
-            _turn_pass(turn, C, PINGPONG)
+            _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
             t += 1
-            s = warpgroup_mma_wait(1, deps=(s_tok,))
-            mbarrier.arrive(k_empty.index(sj), count=1)
-            p, m_i, alpha = _softmax_step(s, m_i, j * BLOCK_N, row0, diag, seqlen_k, qk_scale, j >= n_free,
-                                          s_layout, CAUSAL)  # fmt: skip
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = warpgroup_mma_wait(0, deps=(o_tok,))
-            mbarrier.arrive(v_empty.index(sp), count=1)
-            acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
+            s = warpgroup_mma_wait(0, deps=(s_tok,))
+            mbarrier.arrive(k_empty.index(s0), count=1)
+            # Q is free once the last QK^T is done: the next tile's Q loads under this one's tail.
+            mbarrier.arrive(q_empty.index(C), count=1, pred=n_mine == 1)
+            p, m_i, alpha = _softmax_step(
+                s, m_i, 0, row0, diag, seqlen_k, qk_scale, 0 >= n_free, s_layout, CAUSAL
+            )
+            l_i = gl.sum(p, 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-        # Last PV.
-        jl = n_mine - 1
-        sl = jl % NUM_STAGES
-        mbarrier.wait(v_ready.index(sl), (jl // NUM_STAGES) & 1)
-        v = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
-        _turn_wait(turn, t, C, PINGPONG)
-        o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
-        _turn_pass(turn, C, PINGPONG)
-        t += 1
-        acc = warpgroup_mma_wait(0, deps=(o_tok,))
-        mbarrier.arrive(v_empty.index(sl), count=1)
-
-    # Blocks the producer loaded for the other consumer only: release them unread.
-    for j in range(n_mine, n_cta):
-        s2 = j % NUM_STAGES
-        ph2 = (j // NUM_STAGES) & 1
-        mbarrier.wait(k_ready.index(s2), ph2)
-        mbarrier.arrive(k_empty.index(s2), count=1)
-        mbarrier.wait(v_ready.index(s2), ph2)
-        mbarrier.arrive(v_empty.index(s2), count=1)
-    if PINGPONG:
-        # Both consumers take n_cta + 1 turns (none if n_cta == 0), so neither waits forever.
-        n_turns = gl.where(n_cta > 0, n_cta + 1, 0)
-        for _ in range(t, n_turns):
+            for j in range(1, n_mine):
+                sj = (kv + j) % NUM_STAGES
+                phj = ((kv + j) // NUM_STAGES) & 1
+                sp = (kv + j - 1) % NUM_STAGES
+                php = ((kv + j - 1) // NUM_STAGES) & 1
+                mbarrier.wait(k_ready.index(sj), phj)
+                mbarrier.wait(v_ready.index(sp), php)
+                k_t = k_smem.index(sj).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+                v = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
+                _turn_wait(turn, t, C, PINGPONG)
+                # Issue S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both run while this warpgroup
+                # does the softmax of block j.
+                s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
+                o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+                _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
+                t += 1
+                s = warpgroup_mma_wait(1, deps=(s_tok,))
+                mbarrier.arrive(k_empty.index(sj), count=1)
+                mbarrier.arrive(q_empty.index(C), count=1, pred=j == n_mine - 1)
+                p, m_i, alpha = _softmax_step(s, m_i, j * BLOCK_N, row0, diag, seqlen_k, qk_scale, j >= n_free,
+                                              s_layout, CAUSAL)  # fmt: skip
+                l_i = l_i * alpha + gl.sum(p, 1)
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
+                mbarrier.arrive(v_empty.index(sp), count=1)
+                acc = acc * gl.convert_layout(alpha, orow_layout)[:, None]
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+            # Last PV.
+            sl = (kv + n_mine - 1) % NUM_STAGES
+            mbarrier.wait(v_ready.index(sl), ((kv + n_mine - 1) // NUM_STAGES) & 1)
+            v = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
             _turn_wait(turn, t, C, PINGPONG)
-            _turn_pass(turn, C, PINGPONG)
+            o_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+            _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
             t += 1
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(sl), count=1)
+        else:
+            mbarrier.arrive(q_empty.index(C), count=1)
 
-    # Epilogue. Rows that saw no key have l = 0 and acc = 0: out 0, lse -inf.
-    seen = l_i > 0.0
-    l_safe = gl.where(seen, l_i, 1.0)
-    acc = acc * gl.convert_layout(1.0 / l_safe, orow_layout)[:, None]
-    LN2: gl.constexpr = 0.6931471805599453
-    lse = gl.where(seen, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
-    rows = row0 + gl.arange(0, BLOCK_M, row_layout)
-    lse_ptrs = Lse + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + rows
-    gl.store(lse_ptrs, lse, mask=rows < seqlen_q)
-    # Q is no longer read: its buffer stages the output for a TMA store (rows past S_q clip).
-    q.store(acc.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], q_tile)
+        # Blocks the producer loaded for the other consumers only: release them unread.
+        for j in range(n_mine, n_cta):
+            s2 = (kv + j) % NUM_STAGES
+            ph2 = ((kv + j) // NUM_STAGES) & 1
+            mbarrier.wait(k_ready.index(s2), ph2)
+            mbarrier.arrive(k_empty.index(s2), count=1)
+            mbarrier.wait(v_ready.index(s2), ph2)
+            mbarrier.arrive(v_empty.index(s2), count=1)
+        if PINGPONG:
+            # Every consumer takes n_cta + 1 turns per tile (none if n_cta == 0): none waits forever.
+            t_end = t - gl.where(n_mine > 0, n_mine + 1, 0) + gl.where(n_cta > 0, n_cta + 1, 0)
+            while t < t_end:
+                _turn_wait(turn, t, C, PINGPONG)
+                _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
+                t += 1
+
+        # Epilogue. Rows that saw no key have l = 0 and acc = 0: out 0, lse -inf.
+        seen = l_i > 0.0
+        l_safe = gl.where(seen, l_i, 1.0)
+        acc = acc * gl.convert_layout(1.0 / l_safe, orow_layout)[:, None]
+        lse = gl.where(seen, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
+        rows = row0 + gl.arange(0, BLOCK_M, row_layout)
+        lse_ptrs = Lse + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + rows
+        gl.store(lse_ptrs, lse, mask=rows < seqlen_q)
+        # The previous tile's output store must have read the staging buffer (rows past S_q clip).
+        tma.store_wait(0)
+        o_tile.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], o_tile)
+        kv += n_cta
+        it += 1
     tma.store_wait(0)
 
 
 @gluon.jit
-def _consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-               Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
+def _consumer0(o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+               Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
-    _consumer(0, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
-              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG)  # fmt: skip
+               NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+               SNAKE: gl.constexpr):  # fmt: skip
+    _consumer(0, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+              Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
+              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG, SNAKE)  # fmt: skip
 
 
 @gluon.jit
-def _consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-               Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
+def _consumer1(o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+               Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
-    _consumer(1, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
-              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG)  # fmt: skip
+               NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+               SNAKE: gl.constexpr):  # fmt: skip
+    _consumer(1, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+              Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
+              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG, SNAKE)  # fmt: skip
+
+
+@gluon.jit
+def _consumer2(o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+               Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+               NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+               SNAKE: gl.constexpr):  # fmt: skip
+    _consumer(2, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
+              Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
+              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG, SNAKE)  # fmt: skip
 
 
 @gluon.jit
 def attn_fwd_gluon_kernel(
     q_desc, k_desc, v_desc, o_desc, Lse, stride_lb, stride_lh,
-    H, GROUP, seqlen_q, seqlen_k, qk_scale,
+    B, H, GROUP, seqlen_q, seqlen_k, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, SNAKE: gl.constexpr,
 ):  # fmt: skip
-    """Grid: (cdiv(S_q, 2 * BLOCK_M) * B * H,), query blocks fastest (a head's programs share
-    its K/V in L2); causal launches each head's heaviest query block first. Launch with
-    num_warps=4 (consumer 0; consumer 1 and the producer are worker partitions)."""
+    """Tiles of NUM_CONSUMERS * BLOCK_M query rows of one (batch, head). Grid: any number of
+    programs up to the tile count, each taking one tile per round (``_tile_id``): one tile
+    each when the grid is the tile count, persistent when it is the SM count. Launch with num_warps=4
+    (consumer 0; the other consumers and the producer are worker partitions)."""
     gl.static_assert(BLOCK_M == 64)
+    gl.static_assert(NUM_CONSUMERS == 2 or NUM_CONSUMERS == 3)
     gl.static_assert(HEAD_DIM % 16 == 0 and HEAD_DIM <= 256)
-    num_m = gl.cdiv(seqlen_q, 2 * BLOCK_M)
-    pid = gl.program_id(0)
-    pid_m = pid % num_m
-    pid_bh = pid // num_m
-    off_b = pid_bh // H
-    off_h = pid_bh % H
-    off_hk = off_h // GROUP  # GQA/MQA: the K/V head is indexed, never repeated
-    if CAUSAL:
-        start_m = num_m - 1 - pid_m
-    else:
-        start_m = pid_m
-    m0 = start_m * 2 * BLOCK_M
-    # The producer loads what the second (larger) consumer needs.
-    n_cta = _n_blocks(m0 + BLOCK_M, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    num_m = gl.cdiv(seqlen_q, NUM_CONSUMERS * BLOCK_M)
+    num_tiles = num_m * B * H
 
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    o_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(q_bar.index(i), count=1)
+    for i in gl.static_range(NUM_CONSUMERS):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)
         mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers release each tile
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)  # every consumer releases each tile
+        mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
 
     # Argument tuples are written inline: a tuple assigned to a name turns its constexprs
     # into runtime values.
-    gl.warp_specialize(
-        [
-            (_consumer0, (o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                          Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
-                          BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG)),
-            (_consumer1, (o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                          Lse, stride_lb, stride_lh, off_b, off_h, m0, n_cta, seqlen_q, seqlen_k, qk_scale,
-                          BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, PINGPONG)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         off_b, off_h, off_hk, m0, n_cta, BLOCK_M, BLOCK_N, NUM_STAGES)),
-        ],
-        [4, 1],
-        [240, 24],
-    )  # fmt: skip
+    if NUM_CONSUMERS == 2:
+        gl.warp_specialize(
+            [
+                (_consumer0, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                              v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
+                              seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                              PINGPONG, SNAKE)),
+                (_consumer1, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                              v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
+                              seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                              PINGPONG, SNAKE)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                             v_ready, v_empty, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
+                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, SNAKE)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, 24],
+        )  # fmt: skip
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer0, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                              v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
+                              seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                              PINGPONG, SNAKE)),
+                (_consumer1, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                              v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
+                              seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                              PINGPONG, SNAKE)),
+                (_consumer2, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                              v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
+                              seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
+                              PINGPONG, SNAKE)),
+                (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                             v_ready, v_empty, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
+                             NUM_STAGES, NUM_CONSUMERS, CAUSAL, SNAKE)),
+            ],
+            [4, 4, 1],
+            [CONSUMER_REGS, CONSUMER_REGS, 24],
+        )  # fmt: skip
