@@ -147,16 +147,14 @@ class PlainCompositionTransformer(nn.Module):
         src = self.src_embed
         x = src.embed(batch)
         lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
-        n, lmax = lengths.numel(), batch.max_seqlen
+        lmax = batch.max_seqlen
         pos = torch.arange(x.shape[0], device=x.device) - batch.cu_seqlens[:-1].long()[batch.seg]
         pad_index = batch.seg * lmax + pos
         pad_mask = torch.arange(lmax, device=x.device)[None, :] >= lengths[:, None]
         for block in self.blocks:
             x = block(x, batch, pad_index, pad_mask)
         x = src.norm(x)
-        w = batch.frac.to(x.dtype)[:, None]
-        pooled = x.new_zeros((n, x.shape[1])).index_add_(0, batch.seg, x * w)
-        out = src.head(pooled).float().view(-1, len(src.tasks), 2)
+        out = src.head(src.pool(x, batch)).float().view(-1, len(src.tasks), 2)
         return {t: (out[:, i, 0], out[:, i, 1].clamp(-7.0, 7.0)) for i, t in enumerate(src.tasks)}
 
 

@@ -116,3 +116,16 @@ def test_save_load_roundtrip(tmp_path):
 def test_dataset_subset_keeps_unit():
     ds = MaterialsDataset("x", ["Si", "Ge"], np.array([1.0, 0.7]), "eV")
     assert ds.subset([1]).formulas == ["Ge"] and ds.subset([1]).unit == "eV"
+
+
+def test_pooling_by_runs_equals_scatter_add():
+    formulas = ["Si", "NaCl", "GaAs", "Fe2O3", "LiFePO4", "CuInSe2", "Al2O3", "ZnO", "H2O"]
+    batch = _batch(formulas)
+    assert len(batch.runs) > 1
+    x = torch.randn(batch.z.numel(), 8, dtype=torch.float64)
+    batch.frac = batch.frac.double()
+    by_runs = CompositionTransformer.pool(x, batch)
+    batch.runs = ()  # no run metadata: the scatter-add path
+    by_seg = CompositionTransformer.pool(x, batch)
+    assert by_runs.shape == (len(formulas), 8)
+    torch.testing.assert_close(by_runs, by_seg, rtol=1e-12, atol=1e-12)
