@@ -70,8 +70,8 @@ def test_short_forward_matches_float64(case):
     n, longest, h, h_kv, d, causal, dtype = case
     q, k, v, cu = _packed(_lengths(n, longest, 1), h, h_kv, d, dtype)
     scale = 1.0 / math.sqrt(d)
-    assert launch_short.applies(q, k, cu, cu, longest, longest)
-    out, lse = launch.attention_varlen_fwd(q, k, v, cu, cu, longest, longest, causal, scale)
+    assert launch_short.applies(q, k, cu, cu, longest, longest) == (longest <= launch_short.MAX_SEQLEN_FWD)
+    out, lse = launch.attention_varlen_fwd(q, k, v, cu, cu, longest, longest, causal, scale, short=True)
     r_out, r_lse = reference.attention_varlen_ref(q, k, v, cu, cu, causal, scale, compute_dtype=torch.float64)
     p_out, p_lse = reference.attention_varlen_ref(q, k, v, cu, cu, causal, scale, compute_dtype=q.dtype)
     assert_close_rule(out, r_out, p_out, name="out")
@@ -93,7 +93,9 @@ def test_dispatch_needs_one_packing_and_short_sequences(monkeypatch):
     q, k, v, cu = _packed([3, 4, 2], 2, 2, 32, torch.float16)
     assert launch_short.applies(q, k, cu, cu, 4, 4)
     assert not launch_short.applies(q, k, cu, cu.clone(), 4, 4)  # equal values, other tensor
-    assert not launch_short.applies(q, k, cu, cu, 33, 33)  # longer than MAX_SEQLEN
+    assert not launch_short.applies(q, k, cu, cu, 17, 17)  # longer than MAX_SEQLEN_FWD
+    assert launch_short.applies(q, k, cu, cu, 32, 32, backward=True)
+    assert not launch_short.applies(q, k, cu, cu, 33, 33, backward=True)
     assert not launch_short.applies(q, k, cu, cu, 4, 5)
     monkeypatch.setenv("FLASHMOE_ATTN_SHORT", "0")
     assert not launch_short.applies(q, k, cu, cu, 4, 4)

@@ -292,11 +292,12 @@ def attention_varlen_fwd(
     """Packed forward. q (T_q, H, D); k, v (T_k, H_kv, D); cu_seqlens int32 (B + 1).
     Returns out (T_q, H, D) and lse float32 (H, T_q). No host sync: the grid comes from
     ``max_seqlen_q``; programs past a sequence's end exit at once. Packed self-attention
-    over short sequences goes to ``launch_short`` (``short=False`` forces this kernel)."""
+    over short sequences goes to ``launch_short`` (``short=False`` forces this kernel,
+    ``short=True`` the short one wherever it can run)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     short = options.pop("short", None)
     if short is not False and launch_short.applies(
-        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, force=bool(short)
     ):
         return launch_short.varlen_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale)
     t_q, h, _ = q.shape

@@ -278,7 +278,7 @@ def attention_varlen_bwd(
     if batch <= 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if short is not False and launch_short.applies(
-        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backward=True
     ):
         return launch_short.varlen_bwd(do, q, k, v, out, lse, cu_seqlens_q, max_seqlen_q, causal, scale)
     if _interpreter_bf16(q):

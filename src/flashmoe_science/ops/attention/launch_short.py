@@ -1,7 +1,8 @@
 """Launchers of the short-sequence varlen kernels (``kernels/short.py``).
 
 They serve packed *self*-attention (``cu_seqlens_q`` and ``cu_seqlens_k`` the same tensor)
-whose longest sequence is at most ``MAX_SEQLEN`` tokens: the composition transformer's
+whose longest sequence is at most ``MAX_SEQLEN_FWD`` (forward) / ``MAX_SEQLEN_BWD``
+(backward) tokens: the composition transformer's
 case (2-8 elements per formula), where the general varlen kernel spends a 64-row program
 on every (sequence, head). ``FLASHMOE_ATTN_SHORT=0`` turns the path off.
 
@@ -20,7 +21,13 @@ import triton
 from ..._backend import interpreter_enabled
 from .kernels import short
 
-MAX_SEQLEN = 32
+# Longest sequence served, per direction (H200, bf16, 262k tokens, 4-8 heads of 32-64,
+# benchmarks/attn_short_bench.py): the forward beats the general kernel up to L = 16 (L 3:
+# 7.8x, L 16: 1.5x) and loses at L = 32 (0.80x at 4 x 32); the backward wins through L = 32
+# (L 32: 2.7x).
+MAX_SEQLEN_FWD = 16
+MAX_SEQLEN_BWD = 32
+MAX_SEQLEN = MAX_SEQLEN_BWD  # the window (BLOCK_N) the kernels are built for
 _BLOCK_M = 64
 _LOG2E = 1.4426950408889634
 
@@ -29,13 +36,17 @@ def enabled() -> bool:
     return os.environ.get("FLASHMOE_ATTN_SHORT", "1") != "0"
 
 
-def applies(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> bool:
+def applies(
+    q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *, backward=False, force=False
+) -> bool:
     """True when the short kernels serve this call: same packing for q and k (one tensor,
-    compared by storage, never by value: no host sync), every sequence <= MAX_SEQLEN,
-    head dim <= 128."""
+    compared by storage, never by value: no host sync), every sequence <= MAX_SEQLEN_FWD
+    (forward) or MAX_SEQLEN_BWD (backward), head dim <= 128. ``force`` (tests, benchmarks)
+    allows up to MAX_SEQLEN and ignores FLASHMOE_ATTN_SHORT."""
+    longest = MAX_SEQLEN if force else (MAX_SEQLEN_BWD if backward else MAX_SEQLEN_FWD)
     return (
-        enabled()
-        and 0 < max_seqlen_q <= MAX_SEQLEN
+        (force or enabled())
+        and 0 < max_seqlen_q <= longest
         and max_seqlen_q == max_seqlen_k
         and q.shape[0] == k.shape[0]
         and q.shape[-1] <= 128
