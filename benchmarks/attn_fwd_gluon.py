@@ -182,7 +182,7 @@ def _impls(q, k, v, causal, scale, gluon_configs):
     return impls
 
 
-def phase_bench(out_dir, autotune, configs):
+def phase_bench(out_dir, autotune, configs, max_seqlen=None):
     import triton
 
     if not autotune:
@@ -190,6 +190,8 @@ def phase_bench(out_dir, autotune, configs):
     rows = []
     dtype = torch.bfloat16
     for b, h, h_kv, s, d, causal in BENCH_CASES:
+        if max_seqlen is not None and s > max_seqlen:
+            continue
         q, k, v = make(b, h, h_kv, s, s, d, dtype)
         fl = flops(b, h, s, s, d, causal)
         case = dict(batch=b, heads_q=h, heads_kv=h_kv, seqlen_q=s, seqlen_k=s, head_dim=d, causal=causal)
@@ -242,12 +244,13 @@ def main():
     ap.add_argument("--cfg", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--autotune", action="store_true")
+    ap.add_argument("--max-seqlen", type=int, default=None, help="bench only cases up to this length")
     args = ap.parse_args()
     if args.phase == "check":
         sys.exit(0 if phase_check(args.d, args.cfg) else 1)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     configs = run_checks() if args.phase == "all" else CONFIGS
-    phase_bench(args.out, args.autotune, configs)
+    phase_bench(args.out, args.autotune, configs, args.max_seqlen)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 PYTHONPATH=src python3 -m benchmarks.attn_fwd_profile sanitize  # every load mode, dense + varlen
 PYTHONPATH=src python3 -m benchmarks.attn_fwd_profile ncu       # one B4 H16 S4k D128 full launch
+PYTHONPATH=src python3 -m benchmarks.attn_fwd_profile sanitize_gluon  # the Gluon kernel's configs
 """
 
 from __future__ import annotations
@@ -49,6 +50,37 @@ def sanitize() -> None:
     print(f"sanitize script: {len(errs)} launches, max |out - ref| = {max(errs):.3e}")
 
 
+def sanitize_gluon() -> None:
+    """The Gluon kernel (sm_90): each default config, ping-pong, and persistent schedules on 3
+    programs (several tiles each), on small ragged shapes."""
+    from flashmoe_science.ops.attention import launch_gluon
+
+    def run(b, h, h_kv, s_q, s_k, d, causal, config=None, programs=None):
+        q = torch.randn(b, h, s_q, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, h_kv, s_k, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, h_kv, s_k, d, device="cuda", dtype=torch.bfloat16)
+        real = launch_gluon._num_sms
+        if programs is not None:
+            launch_gluon._num_sms = lambda device: programs
+        out, _ = launch_gluon.attention_fwd(q, k, v, causal, d**-0.5, config=config)
+        launch_gluon._num_sms = real
+        ref, _ = reference.attention_ref(q, k, v, causal, d**-0.5)
+        return (out.float() - ref.float()).abs().max().item()
+
+    errs = [
+        run(1, 4, 2, 300, 333, 128, False),  # persistent round-robin (default)
+        run(1, 4, 2, 333, 300, 128, True),  # snake (default), rows that see no key
+        run(1, 4, 2, 300, 333, 128, True, (64, 128, 2, False, 2, 0)),  # one program per tile
+        run(1, 4, 2, 300, 333, 128, True, (64, 128, 2, True, 2, 2), programs=3),  # ping-pong
+        run(1, 4, 2, 300, 333, 128, False, (64, 128, 2, False, 2, 1), programs=3),
+        run(1, 4, 1, 400, 450, 64, False),  # 3 consumers, snake (default)
+        run(1, 4, 1, 450, 400, 64, True, programs=3),
+        run(1, 4, 1, 450, 400, 64, True, (64, 128, 3, True, 3, 1), programs=3),
+    ]
+    torch.cuda.synchronize()
+    print(f"sanitize_gluon script: {len(errs)} launches, max |out - ref| = {max(errs):.3e}")
+
+
 def ncu() -> None:
     q = torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(4, 16, 4096, 128, device="cuda", dtype=torch.bfloat16)
@@ -58,4 +90,4 @@ def ncu() -> None:
 
 
 if __name__ == "__main__":
-    {"sanitize": sanitize, "ncu": ncu}[sys.argv[1]]()
+    {"sanitize": sanitize, "sanitize_gluon": sanitize_gluon, "ncu": ncu}[sys.argv[1]]()
