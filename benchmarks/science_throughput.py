@@ -6,7 +6,8 @@ Two implementations with *the same weights*:
   (``FlashMoEScienceAttention.forward_packed`` over packed compositions + ``FlashMoELayer``),
   packed path (the varlen kernel on CUDA);
 - ``plain_pytorch``: ``nn.MultiheadAttention`` on a padded (N, L_max, E) batch with a
-  key-padding mask, and a Python loop over the experts (gather, SwiGLU, scatter-add).
+  key-padding mask, a Python loop over the experts (gather, SwiGLU, scatter-add), and
+  ``nn.LayerNorm`` where the library model has ``FlashLayerNorm``.
 
 Ops (``op`` in the JSON rows, DESIGN.md's results schema):
 
@@ -142,6 +143,8 @@ class PlainCompositionTransformer(nn.Module):
         super().__init__()
         self.src_embed = src  # embedding, fraction encoding, pooling and head are shared code
         self.blocks = nn.ModuleList(PlainBlock(b) for b in src.blocks)
+        self.norm = nn.LayerNorm(src.norm.normalized_shape)  # plain, not the library's FlashLayerNorm
+        self.norm.load_state_dict(src.norm.state_dict())
 
     def forward(self, batch: PackedBatch):
         src = self.src_embed
@@ -153,7 +156,7 @@ class PlainCompositionTransformer(nn.Module):
         pad_mask = torch.arange(lmax, device=x.device)[None, :] >= lengths[:, None]
         for block in self.blocks:
             x = block(x, batch, pad_index, pad_mask)
-        x = src.norm(x)
+        x = self.norm(x)
         out = src.head(src.pool(x, batch)).float().view(-1, len(src.tasks), 2)
         return {t: (out[:, i, 0], out[:, i, 1].clamp(-7.0, 7.0)) for i, t in enumerate(src.tasks)}
 

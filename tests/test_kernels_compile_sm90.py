@@ -1,4 +1,4 @@
-"""Compile kernels for sm_90 on the CPU (Triton's bundled ptxas, no GPU needed).
+"""Compile kernels (short attention, LayerNorm) for sm_90 on the CPU (Triton's bundled ptxas, no GPU needed).
 
 The interpreter accepts code the compiler rejects (e.g. a non-constexpr global read inside a
 kernel); compiling here catches that class of error in CI instead of on the GPU machine.
@@ -29,6 +29,7 @@ _SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as tcompile
     from flashmoe_science.ops.attention.kernels import short
+    from flashmoe_science.ops.norm import kernels as norm
 
     def build(fn, const, ptrs, warps):
         sig = {}
@@ -38,7 +39,7 @@ _SCRIPT = textwrap.dedent(
             elif name in ptrs:
                 sig[name] = ptrs[name]
             else:
-                sig[name] = "fp32" if "scale" in name else "i32"
+                sig[name] = "fp32" if ("scale" in name or name == "eps") else "i32"
         src = ASTSource(fn=fn, signature=sig, constexprs=const)
         return tcompile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
 
@@ -48,6 +49,11 @@ _SCRIPT = textwrap.dedent(
     kernels = [build(short.short_fwd_kernel, const, ptrs, 4)]
     ptrs.update(DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16")
     kernels.append(build(short.short_bwd_kernel, const, ptrs, 8))
+    ln = dict(X="*bf16", W="*bf16", B="*bf16", Y="*bf16", MEAN="*fp32", RSTD="*fp32")
+    kernels.append(build(norm.layer_norm_fwd_kernel, dict(HAS_BIAS=True, BLOCK_M=32, BLOCK_N=d), ln, 4))
+    ln = dict(DY="*bf16", X="*bf16", W="*bf16", MEAN="*fp32", RSTD="*fp32", DX="*bf16")
+    ln.update(DW_PART="*fp32", DB_PART="*fp32")
+    kernels.append(build(norm.layer_norm_bwd_kernel, dict(BLOCK_M=32, BLOCK_N=d), ln, 4))
     for k in kernels:
         assert k.asm["cubin"], "no cubin"
         assert k.metadata.shared <= 227 * 1024, k.metadata.shared
@@ -58,7 +64,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's ptxas is not installed")
 @pytest.mark.parametrize("head_dim", [32, 128])
-def test_short_attention_kernels_compile_for_sm90(head_dim):
+def test_kernels_compile_for_sm90(head_dim):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(head_dim)], env=env, capture_output=True, text=True, timeout=600

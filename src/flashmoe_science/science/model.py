@@ -2,7 +2,8 @@
 
 Each element of a composition is a token: a learned element embedding + a projection of
 the element's (standardised) properties + an encoding of its fractional amount. Blocks are
-pre-norm ``FlashMoEScienceAttention.forward_packed`` (varlen self-attention over the
+pre-norm (``FlashLayerNorm``: the library's fused LayerNorm on CUDA)
+``FlashMoEScienceAttention.forward_packed`` (varlen self-attention over the
 elements of one composition, no padding) and ``FlashMoELayer`` (sparse SwiGLU experts;
 their load-balancing losses are summed in ``aux_loss``).
 
@@ -30,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from ..nn import FlashMoELayer, FlashMoEScienceAttention
+from ..nn import FlashLayerNorm, FlashMoELayer, FlashMoEScienceAttention
 from .featurize import MAX_Z, PackedBatch, element_table
 
 
@@ -63,9 +64,9 @@ class CompositionBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, experts: int, top_k: int, ffn: int, dropout: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = FlashLayerNorm(dim)
         self.attn = FlashMoEScienceAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = FlashLayerNorm(dim)
         self.moe = FlashMoELayer(dim, experts, top_k=top_k, ffn_hidden_size=ffn)
         self.dropout = nn.Dropout(dropout)
 
@@ -132,7 +133,7 @@ class CompositionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             CompositionBlock(dim, heads, experts, top_k, ffn, dropout) for _ in range(layers)
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = FlashLayerNorm(dim)
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 2 * len(tasks)))
         self.register_buffer("target_stats", torch.tensor([[0.0, 1.0]] * len(tasks)))
         nn.init.normal_(self.element_embedding.weight, std=1.0 / math.sqrt(dim))

@@ -1,0 +1,5 @@
+"""Fused LayerNorm (Triton forward and backward, float32 statistics)."""
+
+from .api import layer_norm
+
+__all__ = ["layer_norm"]
