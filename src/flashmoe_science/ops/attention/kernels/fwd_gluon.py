@@ -9,24 +9,29 @@ who does what:
 
   * a producer warp issues TMA loads of K and V tiles into a ring of ``NUM_STAGES`` shared
     memory slots (``*_ready`` / ``*_empty`` mbarriers per slot);
-  * two consumer warpgroups, each owning ``BLOCK_M`` query rows of the program's
-    ``2 * BLOCK_M``; both read every K/V tile, so a slot is free once both released it
-    (``*_empty`` counts 2 arrivals);
+  * ``NUM_CONSUMERS`` (2 or 3) consumer warpgroups, each owning ``BLOCK_M`` query rows of the
+    program's ``NUM_CONSUMERS * BLOCK_M``; all read every K/V tile, so a slot is free once all
+    released it (``*_empty`` counts NUM_CONSUMERS arrivals);
   * inside a consumer, the QK^T of block j is issued (async wgmma) together with the PV of
     block j-1, and the softmax of block j runs while the PV MMA is still in flight
     (FA3's intra-warpgroup overlap);
-  * with ``PINGPONG`` the two consumers take turns issuing their MMAs (``turn`` mbarriers),
-    so one's softmax runs while the other's MMAs occupy the tensor cores (FA3's ping-pong).
+  * with ``PINGPONG`` the consumers take turns issuing their MMAs (``turn`` mbarriers), so
+    one's softmax runs while another's MMAs occupy the tensor cores (FA3's ping-pong).
 
 Tiles are addressed through 4-D TMA descriptors over (B, H, S, D) with any strides TMA
 accepts (16-byte aligned, last dim contiguous): rows past S_q / S_k read as zeros, and the
-output store (through the consumer's Q buffer, by TMA) clips rows past S_q. Causal masking
+output (staged in its own shared buffer, stored by TMA) clips rows past S_q. Causal masking
 is bottom-right aligned (row i sees key j <= i + S_k - S_q); blocks no row of a consumer can
 see are not computed (the consumer only releases them). Rows that see no key give out = 0,
 lse = -inf. Scores are scaled by ``softmax_scale * log2(e)`` and exponentiated with exp2.
 
+A program loops over tiles (``_tile_id``): one tile when the grid is the tile count, several
+when it is persistent (grid = SM count), round-robin or in "snake" order. Ring positions and
+barrier phases count on across tiles, so the next tile's Q/K/V load under this one's tail.
+
 Gluon has no CPU interpreter: this kernel runs on the GPU only; the Triton kernel in ``fwd``
-remains the one CI tests on CPU. Grids and configs live in ``launch``.
+remains the one CI tests on CPU (``tests/test_attention_gluon_compile.py`` compiles this one
+for sm_90 there). Grids and configs live in ``launch_gluon``.
 """
 
 from __future__ import annotations
