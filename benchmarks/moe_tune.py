@@ -7,6 +7,7 @@ Sections (pick with --sections, comma separated; each stops early past --budget-
           loop, dense floor; ms and ratios.
   prof    per-kernel device time of one flashmoe forward (and backward) via torch.profiler.
   bwd     forward+backward on B and C: flashmoe vs a grouped_mm autograd pipeline.
+  train   forward+backward on B and C: h stored vs recomputed, backward BLOCK_M, vs grouped_mm.
   decode  T 1/8/64 with B/C weights, eager and CUDA-graph replay, GB/s vs 3.0 TB/s.
   tiny    a tiny route + forward + backward (for compute-sanitizer).
 Results: a table on stdout and JSON (DESIGN.md schema) at --json.
@@ -149,21 +150,8 @@ def section_fwd(args):
             y_ref = grouped_mm_moe(x, logits, w1, w2, k)
             for bm in args.block_ms:
                 fn = lambda bm=bm: launch.fused_experts_fwd(
-                    x,
-                    w1,
-                    w2,
-                    *launch.route(
-                        logits,
-                        k,
-                        scoring="softmax",
-                        renormalize=True,
-                        bias=None,
-                        n_group=None,
-                        topk_group=None,
-                    ),
-                    "silu",
-                    block_m=bm,
-                )
+                    x, w1, w2, *_route(logits, k), "silu", block_m=bm
+                )[0]
                 y = fn()
                 err = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
                 res[f"flashmoe_bm{bm}"] = bench(fn)
@@ -186,10 +174,20 @@ def section_fwd(args):
         torch.cuda.empty_cache()
 
 
+def section_profrows(args):
+    """section_prof with the wgrad_rows kernel as the backward's default."""
+    old = launch.WGRAD_DEFAULT
+    launch.WGRAD_DEFAULT = "rows"
+    try:
+        section_prof(args)
+    finally:
+        launch.WGRAD_DEFAULT = old
+
+
 def section_prof(args):
     from torch.profiler import ProfilerActivity, profile
 
-    for shape, t in [(c[0], int(c[1:])) for c in args.fwd_cases.split(",")]:
+    for shape, t in [(c[0], int(c[1:])) for c in args.prof_cases.split(",")]:
         x, w1, w2, logits, k = make(t, shape)
         leaves = [v.clone().requires_grad_() for v in (x, w1, w2, logits)]
         dy = torch.randn_like(x)
@@ -286,28 +284,125 @@ def section_decode(args):
             )
 
 
+def _route(logits, k):
+    return launch.route(
+        logits, k, scoring="softmax", renormalize=True, bias=None, n_group=None, topk_group=None
+    )
+
+
+def _train_step(x, w1, w2, logits, k, dy, *, store, block_m=None, bwd_block_m=None, wgrad=None):
+    """Launch-level forward + backward of the experts (no route backward): stored h or recompute."""
+    tw, ids = _route(logits, k)
+    y, h = launch.fused_experts_fwd(x, w1, w2, tw, ids, "silu", block_m=block_m, save_h=store)
+    return y, launch.fused_experts_bwd(dy, x, w1, w2, tw, ids, "silu", block_m=bwd_block_m, h=h, wgrad=wgrad)
+
+
 def section_warm(args):
     """Compile (no timing) what the timed sections use; run once per config index in parallel
-    processes (FLASHMOE_MOE_CONFIG_INDEX) so the autotuner later finds every config cached."""
+    processes (FLASHMOE_MOE_CONFIG_INDEX, see --parallel-warm) so the autotuner later finds
+    every config cached."""
     for shape, t in [(c[0], int(c[1:])) for c in args.fwd_cases.split(",")]:
         x, w1, w2, logits, k = make(t, shape)
         with torch.no_grad():
-            for bm in args.block_ms:
-                launch.fused_experts_fwd(x, w1, w2, *torch_route(logits, k), "silu", block_m=bm)
             fused_moe(x, w1, w2, logits, k)
+            if shape in ("B", "C") and args.train_variants:
+                dy = torch.randn_like(x)
+                for wgrad in ("gather", "rows"):
+                    _train_step(x, w1, w2, logits, k, dy, store=True, wgrad=wgrad)
         if shape in ("B", "C") and t <= 8192:
             leaves = [v.clone().requires_grad_() for v in (x, w1, w2, logits)]
-            torch.autograd.grad(fused_moe(*leaves, top_k=k), leaves, torch.randn_like(x))
+            x = w1 = w2 = None
+            torch.autograd.grad(fused_moe(*leaves, top_k=k), leaves, torch.randn_like(leaves[0]))
             leaves = None
         x = w1 = w2 = logits = None  # free before the next shape: several warm-ups share the GPU
         torch.cuda.empty_cache()
-    for shape in ("B", "C"):
-        for t in (1, 8, 64):
-            x, w1, w2, logits, k = make(t, shape)
-            with torch.no_grad():
-                fused_moe(x, w1, w2, logits, k)
+    if args.warm_decode:
+        for shape in ("B", "C"):
+            for t in (1, 8, 64):
+                x, w1, w2, logits, k = make(t, shape)
+                with torch.no_grad():
+                    fused_moe(x, w1, w2, logits, k)
     torch.cuda.synchronize()
     log("warm done", os.environ.get("FLASHMOE_MOE_CONFIG_INDEX"))
+
+
+def parallel_warm(args):
+    """--parallel-warm N: N processes, process i compiling config i of every list."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--sections", "warm", "--fwd-cases", args.fwd_cases]
+    if args.train_variants:
+        cmd.append("--train-variants")
+    if args.warm_decode:
+        cmd.append("--warm-decode")
+    procs = [
+        subprocess.Popen(cmd, env={**os.environ, "FLASHMOE_MOE_CONFIG_INDEX": str(i)})
+        for i in range(args.parallel_warm)
+    ]
+    codes = [p.wait() for p in procs]
+    log("parallel warm exit codes", codes)
+
+
+def section_train(args):
+    """Forward+backward of the experts (launch level, routing forward included, no route
+    backward): h stored by the forward vs recomputed in the backward, backward BLOCK_M 64 vs
+    the default; and the public fused_moe autograd step vs the grouped_mm autograd pipeline."""
+    for shape, t in (("B", 4096), ("C", 8192)):
+        if time.time() - T0 > args.budget_s:
+            break
+        x, w1, w2, logits, k = make(t, shape)
+        dy = torch.randn_like(x)
+        res = {}
+        with torch.no_grad():
+            y_s, g_s = _train_step(x, w1, w2, logits, k, dy, store=True, wgrad="gather")
+            y_r, g_r = _train_step(x, w1, w2, logits, k, dy, store=True, wgrad="rows")
+            diffs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(g_s, g_r)]
+            same = f"rel diffs {[f'{d:.1e}' for d in diffs]}"
+            for wgrad in ("gather", "rows"):
+                res[f"experts_wgrad_{wgrad}"] = bench(
+                    lambda: _train_step(x, w1, w2, logits, k, dy, store=True, wgrad=wgrad)
+                )
+            if args.train_variants:
+                res["experts_recompute_h"] = bench(lambda: _train_step(x, w1, w2, logits, k, dy, store=False))
+            # Reference point for the weight gradients: CUTLASS's K-grouped GEMMs (what the
+            # grouped_mm pipeline's backward uses) on the same FLOPs, unpadded sorted rows.
+            try:
+                _, ids = torch_route(logits, k)
+                order = torch.argsort(ids.reshape(-1), stable=True)
+                offs = torch.cumsum(
+                    torch.bincount(ids.reshape(-1), minlength=w1.shape[0]), 0, dtype=torch.int32
+                )
+                xs, dys = x.index_select(0, order // k), dy.index_select(0, order // k)
+                dhs = torch.randn(xs.shape[0], w1.shape[1], device="cuda", dtype=x.dtype)
+                acts = torch.randn(xs.shape[0], w2.shape[2], device="cuda", dtype=x.dtype)
+                res["cutlass_wgrad_pair"] = bench(
+                    lambda: (
+                        torch._grouped_mm(dhs.t(), xs, offs=offs),
+                        torch._grouped_mm(dys.t(), acts, offs=offs),
+                    )
+                )
+            except Exception as exc:  # noqa: BLE001
+                log(f"cutlass wgrad timing failed: {type(exc).__name__}: {str(exc)[:200]}")
+        leaves = [v.clone().requires_grad_() for v in (x, w1, w2, logits)]
+        f1 = lambda: torch.autograd.grad(fused_moe(*leaves, top_k=k), leaves, dy)
+        f2 = lambda: torch.autograd.grad(
+            grouped_mm_moe(leaves[0], leaves[3], leaves[1], leaves[2], k), leaves, dy
+        )
+        g1, g2 = f1(), f2()
+        errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(g1, g2)]
+        res["flashmoe"] = bench(f1)
+        res["grouped_mm"] = bench(f2)
+        for impl in ("flashmoe", "grouped_mm"):
+            add_row("moe_fwd_bwd", impl, t, shape, res[impl])
+        log(
+            f"train {shape} T={t}: "
+            + "  ".join(f"{n}={v:.3f}" for n, v in res.items())
+            + f" | fused_moe vs grouped_mm {res['grouped_mm'] / res['flashmoe']:.2f}x;"
+            f" wgrad gather vs rows grads: {same};"
+            f" grad rel diffs vs grouped_mm {[f'{e:.1e}' for e in errs]}"
+        )
+        x = w1 = w2 = leaves = g1 = g2 = g_s = g_r = None
+        torch.cuda.empty_cache()
 
 
 def section_tiny(args):
@@ -339,16 +434,25 @@ def main():
     ap.add_argument("--sections", default="check,fwd,prof,bwd,decode")
     ap.add_argument("--block-ms", default="64,128")
     ap.add_argument("--fwd-cases", default="B4096,C8192,A4096,B16384,A16384")
+    ap.add_argument("--prof-cases", default="B4096,C8192")
     ap.add_argument("--budget-s", type=float, default=120)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--parallel-warm", type=int, default=0, help="compile in N processes first")
+    ap.add_argument("--train-variants", action="store_true", help="warm the store/recompute/BM64 steps")
+    ap.add_argument("--warm-decode", action="store_true")
     args = ap.parse_args()
     args.block_ms = [int(b) for b in args.block_ms.split(",") if b]
     log(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+    if args.parallel_warm:
+        parallel_warm(args)
     for s in args.sections.split(","):
         if time.time() - T0 > args.budget_s and s != "tiny":
             log("budget reached before section", s)
             continue
-        globals()[f"section_{s.rstrip('0123456789')}"](args)
+        try:
+            globals()[f"section_{s.rstrip('0123456789')}"](args)
+        except Exception as exc:  # noqa: BLE001  (report, keep the other sections' results)
+            log(f"section {s} FAILED: {type(exc).__name__}: {str(exc)[:2000]}")
     for line in tuned_configs():
         log("tuned", line)
     if args.json:

@@ -222,10 +222,55 @@ def test_opcheck_kernel_path():
     ids = _random_ids(t, e, k)
     logits = torch.randn(t, 8, requires_grad=True)
     dy = torch.randn(t, H).half()
+    _, h = ops.experts_fwd(x.detach(), w1.detach(), w2.detach(), tw.detach(), ids, "silu", True, True)
     cases = [
         (ops.route, (logits, 2, "softmax", True, None, None, None, True)),
         (ops.experts_fwd, (x, w1, w2, tw, ids, "silu", True)),
+        (ops.experts_fwd, (x, w1, w2, tw, ids, "silu", True, True)),  # training: h stored
         (ops.experts_bwd, (dy, x.detach(), w1.detach(), w2.detach(), tw.detach(), ids, "silu", True)),
+        (ops.experts_bwd, (dy, x.detach(), w1.detach(), w2.detach(), tw.detach(), ids, "silu", True, h)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_backward_with_stored_h_equals_recompute():
+    """The forward's stored gate/up pre-activations (slot order) give the backward exactly what
+    recomputing them gives; without ``save_h`` the forward returns an empty h."""
+    ops = torch.ops.flashmoe_science
+    t, e, k = 21, 8, 3
+    x = torch.randn(t, H).half()
+    w1, w2 = _weights(e)
+    ids = _random_ids(t, e, k)
+    tw = torch.rand(t, k) + 0.1
+    dy = torch.randn(t, H).half()
+    y, h = ops.experts_fwd(x, w1, w2, tw, ids, "silu", True, True)
+    y0, h0 = ops.experts_fwd(x, w1, w2, tw, ids, "silu", True, False)
+    assert h.shape == (t * k, 2 * F) and h0.shape == (0, 2 * F)
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    stored = ops.experts_bwd(dy, x, w1, w2, tw, ids, "silu", True, h)
+    recomputed = ops.experts_bwd(dy, x, w1, w2, tw, ids, "silu", True)
+    for name, a, b in zip(("dx", "dw_gate_up", "dw_down", "d_topk_weights"), stored, recomputed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_small_tile_branch_block_m_64():
+    """BLOCK_M 64 turns on the small-tile branch (an expert's last block with <= 32 rows runs a
+    32-row tile) in the gate/up, down, bwd_act and dx kernels; counts chosen so that some
+    experts end in such a block and others in a larger partial or a full block."""
+    from flashmoe_science.ops.moe import launch
+
+    t, e, k = 50, 4, 2
+    x = torch.randn(t, H).half()
+    w1, w2 = _weights(e)
+    # Expert 0: 70 slots (64 + 6: small tail), 1: 20 (small only), 2: 10, 3: 0.
+    ids = torch.tensor([[0, 1] if i < 20 else [0, 2] if i < 30 else [0, 0] for i in range(t)])
+    ids = ids.to(torch.int32)
+    tw = torch.rand(t, k) + 0.1
+    dy = torch.randn(t, H).half()
+    y, h = launch.fused_experts_fwd(x, w1, w2, tw, ids, "silu", block_m=64, save_h=True)
+    grads = launch.fused_experts_bwd(dy, x, w1, w2, tw, ids, "silu", block_m=64, h=h)
+    (y64, *g64), (yp, *gp) = _experts_ref_grads(x, w1, w2, tw, ids, dy, "silu", torch.float16)
+    assert_close_rule(y, y64, yp, name="y")
+    for name, g, r, p in zip(("dx", "dw_gate_up", "dw_down", "d_topk_weights"), grads, g64, gp):
+        assert_close_rule(g, r, p, grad=True, name=name)

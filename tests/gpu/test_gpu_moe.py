@@ -12,7 +12,7 @@ import pytest
 import torch
 from _numerics import assert_close_rule
 
-from flashmoe_science.ops.moe import fused_experts, fused_moe, route
+from flashmoe_science.ops.moe import fused_experts, fused_moe, launch, route
 from flashmoe_science.ops.moe import reference as ref
 
 pytestmark = pytest.mark.gpu
@@ -114,6 +114,51 @@ def test_fused_experts_gpu(triton_backend, t, h, f, e, k, experts, activation, d
     assert_close_rule(y, y64, yp, name="y")
     for name, leaf, r, p in zip(("dx", "dw_gate_up", "dw_down", "d_topk_weights"), leaves, g64, gp):
         assert_close_rule(leaf.grad, r, p, grad=True, name=name)
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_every_tile_config_gpu(triton_backend, monkeypatch, index):
+    """Forward and backward with config ``index`` of every autotune list (what the autotuner
+    may pick at scale, TMA weight loads included: H and F are multiples of every BLOCK_K)."""
+    monkeypatch.setenv("FLASHMOE_MOE_CONFIG_INDEX", str(index))
+    t, h, f, e, k, dtype = 1024, 512, 384, 8, 2, torch.bfloat16
+    x = torch.randn(t, h, device=DEV).to(dtype)
+    w1 = (torch.randn(e, 2 * f, h, device=DEV) / h**0.5).to(dtype)
+    w2 = (torch.randn(e, h, f, device=DEV) / f**0.5).to(dtype)
+    ids = _random_ids(t, e, k)
+    tw = torch.rand(t, k, device=DEV) + 0.1
+    dy = torch.randn(t, h, device=DEV).to(dtype)
+    leaves = [v.clone().requires_grad_() for v in (x, w1, w2, tw)]
+    _poison_allocator(1 << 28)
+    y = fused_experts(*leaves, ids)
+    y.backward(dy)
+    (y64, *g64), (yp, *gp) = _ref_outputs(x, w1, w2, tw, ids, dy, "silu", dtype)
+    assert_close_rule(y, y64, yp, name="y")
+    for name, leaf, r, p in zip(("dx", "dw_gate_up", "dw_down", "d_topk_weights"), leaves, g64, gp):
+        assert_close_rule(leaf.grad, r, p, grad=True, name=name)
+    # The other weight-gradient kernel (TMA over gathered row copies) with the same index.
+    _poison_allocator(1 << 28)
+    grads = launch.fused_experts_bwd(dy, x, w1, w2, tw, ids, "silu", wgrad="rows")
+    for name, g, r, p in zip(("dw_gate_up", "dw_down"), grads[1:3], g64[1:3], gp[1:3]):
+        assert_close_rule(g, r, p, grad=True, name=name)
+
+
+@pytest.mark.parametrize("wgrad", ["gather", "rows"])
+def test_backward_recompute_path_gpu(triton_backend, wgrad):
+    """The backward without the forward's stored h (it recomputes the gate/up GEMM), with each
+    weight-gradient kernel (in-loop gather, or TMA over gathered row copies), by the rule."""
+    t, h, f, e, k, dtype = 700, 512, 384, 32, 4, torch.bfloat16
+    x = torch.randn(t, h, device=DEV).to(dtype)
+    w1 = (torch.randn(e, 2 * f, h, device=DEV) / h**0.5).to(dtype)
+    w2 = (torch.randn(e, h, f, device=DEV) / f**0.5).to(dtype)
+    ids = _random_ids(t, e, k)
+    tw = torch.rand(t, k, device=DEV) + 0.1
+    dy = torch.randn(t, h, device=DEV).to(dtype)
+    _poison_allocator(1 << 28)
+    grads = launch.fused_experts_bwd(dy, x, w1, w2, tw, ids, "silu", wgrad=wgrad)
+    (_, *g64), (_, *gp) = _ref_outputs(x, w1, w2, tw, ids, dy, "silu", dtype)
+    for name, g, r, p in zip(("dx", "dw_gate_up", "dw_down", "d_topk_weights"), grads, g64, gp):
+        assert_close_rule(g, r, p, grad=True, name=name)
 
 
 def test_fused_moe_router_gradient_gpu(triton_backend):

@@ -84,6 +84,10 @@ def route(router_logits, top_k, *, scoring, renormalize, bias, n_group, topk_gro
 
 
 # ---------------------------------------------------------------- experts
+def _no_h(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((0, w_gate_up.shape[1]))
+
+
 @torch.library.custom_op(f"{_LIB}::experts_fwd", mutates_args=())
 def experts_fwd(
     x: torch.Tensor,
@@ -93,17 +97,25 @@ def experts_fwd(
     topk_ids: torch.Tensor,
     activation: str,
     use_kernel: bool,
-) -> torch.Tensor:
+    save_h: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h): h is the gate/up pre-activations (T*K, 2F) in slot order when ``save_h`` and
+    ``use_kernel`` (the backward then skips recomputing them), else empty (0, 2F)."""
     if use_kernel:
         from . import launch
 
-        return launch.fused_experts_fwd(x, w_gate_up, w_down, topk_weights, topk_ids, activation)
-    return reference.fused_experts_ref(x, w_gate_up, w_down, topk_weights, topk_ids, activation=activation)
+        y, h = launch.fused_experts_fwd(
+            x, w_gate_up, w_down, topk_weights, topk_ids, activation, save_h=save_h
+        )
+        return y, h if h is not None else _no_h(x, w_gate_up)
+    y = reference.fused_experts_ref(x, w_gate_up, w_down, topk_weights, topk_ids, activation=activation)
+    return y, _no_h(x, w_gate_up)
 
 
 @experts_fwd.register_fake
-def _(x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel):
-    return torch.empty_like(x)
+def _(x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel, save_h=False):
+    slots = topk_ids.shape[0] * topk_ids.shape[1] if (save_h and use_kernel) else 0
+    return torch.empty_like(x), x.new_empty((slots, w_gate_up.shape[1]))
 
 
 @torch.library.custom_op(f"{_LIB}::experts_bwd", mutates_args=())
@@ -116,18 +128,20 @@ def experts_bwd(
     topk_ids: torch.Tensor,
     activation: str,
     use_kernel: bool,
+    h: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h``: the forward's stored pre-activations (kernel path); None recomputes them."""
     if use_kernel:
         from . import launch
 
-        return launch.fused_experts_bwd(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activation)
+        return launch.fused_experts_bwd(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activation, h=h)
     return reference.fused_experts_bwd_ref(
         dy, x, w_gate_up, w_down, topk_weights, topk_ids, activation=activation
     )
 
 
 @experts_bwd.register_fake
-def _(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel):
+def _(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel, h=None):
     return (
         torch.empty_like(x),
         torch.empty_like(w_gate_up),
@@ -137,21 +151,40 @@ def _(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel):
 
 
 def _experts_setup(ctx, inputs, output):
-    x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel = inputs
-    ctx.save_for_backward(x, w_gate_up, w_down, topk_weights, topk_ids)
-    ctx.activation, ctx.use_kernel = activation, use_kernel
+    x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel, save_h = inputs
+    _, h = output
+    ctx.mark_non_differentiable(h)
+    ctx.save_for_backward(x, w_gate_up, w_down, topk_weights, topk_ids, h)
+    ctx.activation, ctx.use_kernel, ctx.stored_h = activation, use_kernel, save_h and use_kernel
 
 
-def _experts_backward(ctx, dy):
-    x, w_gate_up, w_down, topk_weights, topk_ids = ctx.saved_tensors
+def _experts_backward(ctx, dy, dh):
+    # dh: h is non-differentiable (an intermediate handed to the backward), never used.
+    x, w_gate_up, w_down, topk_weights, topk_ids, h = ctx.saved_tensors
     dx, dw1, dw2, dw = experts_bwd(
-        dy.contiguous(), x, w_gate_up, w_down, topk_weights, topk_ids, ctx.activation, ctx.use_kernel
+        dy.contiguous(),
+        x,
+        w_gate_up,
+        w_down,
+        topk_weights,
+        topk_ids,
+        ctx.activation,
+        ctx.use_kernel,
+        h if ctx.stored_h else None,
     )
-    return dx, dw1, dw2, dw, None, None, None  # topk_ids, activation, use_kernel
+    return dx, dw1, dw2, dw, None, None, None, None  # topk_ids, activation, use_kernel, save_h
 
 
 experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 
 def fused_experts(x, w_gate_up, w_down, topk_weights, topk_ids, activation: str, use_kernel: bool):
-    return experts_fwd(x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel)
+    """y. On the kernel path with gradients wanted, the forward also stores the gate/up
+    pre-activations for the backward (T*K*2F elements; docs/moe.md: faster than recomputing)."""
+    save_h = (
+        use_kernel
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (x, w_gate_up, w_down, topk_weights))
+    )
+    y, _ = experts_fwd(x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel, save_h)
+    return y

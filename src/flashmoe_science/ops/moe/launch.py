@@ -26,26 +26,91 @@ from .kernels import routing as _routing
 
 
 # ------------------------------------------------------------------ configs
-def _cfg(bn, bk, warps, stages, group_m=8, **extra):
+def _cfg(bn, bk, warps, stages, group_m=8, tma=False):
+    """tma: weight tiles through a tensor descriptor (the kernel falls back to pointer loads
+    where the launcher says TMA_OK=False or K_DIM is not a multiple of BLOCK_K)."""
     return triton.Config(
-        {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, **extra}, num_warps=warps, num_stages=stages
+        {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "USE_TMA": tma}, num_warps=warps, num_stages=stages
     )
 
 
 # (BLOCK_N, BLOCK_K, warps, stages). Large row blocks: DESIGN.md's best vLLM-style tile was
 # 128x256x64, 8 warps, 3 stages; gate+up as two 128-wide accumulators is that output width.
+# The first config of each list is the one used without autotuning (tests).
 _GATE_UP = {
-    "large": [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3)],
+    "large": [
+        _cfg(128, 64, 8, 3),
+        _cfg(128, 64, 8, 4),
+        _cfg(64, 64, 4, 4),
+        _cfg(64, 128, 4, 3),
+        _cfg(128, 64, 8, 4, group_m=16),
+        _cfg(128, 32, 8, 5),
+        _cfg(128, 64, 8, 3, tma=True),
+        _cfg(128, 64, 8, 4, tma=True),
+    ],
     "small": [_cfg(64, 128, 4, 4), _cfg(32, 128, 4, 4), _cfg(128, 128, 4, 3), _cfg(64, 256, 4, 3)],
 }
 _ROWS = {
-    "large": [_cfg(128, 64, 8, 4), _cfg(256, 64, 8, 3), _cfg(128, 64, 4, 4), _cfg(128, 128, 8, 3)],
+    "large": [
+        _cfg(128, 64, 8, 4),
+        _cfg(256, 64, 8, 3),
+        _cfg(128, 64, 4, 4),
+        _cfg(128, 128, 8, 3),
+        _cfg(256, 64, 8, 4),
+        _cfg(256, 64, 8, 3, group_m=16),
+        _cfg(128, 64, 8, 4, tma=True),
+        _cfg(256, 64, 8, 3, tma=True),
+    ],
     "small": [_cfg(64, 128, 4, 4), _cfg(128, 128, 4, 4), _cfg(32, 256, 4, 3), _cfg(64, 256, 4, 3)],
 }
+# bwd_act: the GEMM's epilogue holds gate, up and five derived (BLOCK_M, BLOCK_N) float32
+# tiles. ptxas (sm_90a, bf16, BLOCK_M 128, 8 warps): 128-wide N tiles spilled ~1 KB a thread;
+# the kernel now runs the epilogue in two column halves (SPLIT_EPILOGUE, BLOCK_N >= 128):
+# 246 registers, no spills. 64-wide N tiles re-read the gathered dy rows twice as often
+# (bwd_act was 1.70 ms at C T=8192 on the H200 with them).
+_BWD_ACT = {
+    "large": [
+        _cfg(128, 64, 8, 4),
+        _cfg(128, 64, 8, 3),
+        _cfg(128, 64, 8, 4, tma=True),
+        _cfg(128, 128, 8, 3),
+        _cfg(128, 32, 8, 5),
+        _cfg(64, 64, 8, 4, tma=True),
+        _cfg(128, 64, 8, 4, group_m=16),
+        _cfg(128, 128, 8, 3, tma=True),
+    ],
+    "small": _ROWS["small"],
+}
+
+
+def _wcfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# wgrad: out[e] (M, N) reduced over the expert's rows (BLOCK_K rows a step). With ~256 rows
+# per expert (B, C) each tile's reduction is short, so larger tiles amortise the prologue and
+# the store.
 _WGRAD = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    _wcfg(128, 128, 32, 4, 4),
+    _wcfg(128, 128, 64, 8, 3),
+    _wcfg(64, 128, 64, 4, 3),
+    _wcfg(128, 256, 64, 8, 3),
+    _wcfg(256, 128, 64, 8, 3),
+    _wcfg(128, 256, 32, 8, 4),
+    _wcfg(128, 128, 32, 4, 5),
+    _wcfg(128, 128, 32, 8, 6),
+]
+# wgrad_rows (TMA over gathered row copies): BLOCK_K must stay <= the small-tile rows (32)
+# so the last step reads only rows the producers wrote (see the kernel).
+_WGRAD_ROWS = [
+    _wcfg(128, 128, 32, 4, 4),
+    _wcfg(128, 128, 32, 4, 6),
+    _wcfg(128, 256, 32, 8, 4),
+    _wcfg(128, 128, 32, 8, 5),
+    _wcfg(256, 128, 32, 8, 4),
+    _wcfg(64, 128, 32, 4, 6),
+    _wcfg(128, 256, 32, 8, 6),
+    _wcfg(128, 128, 32, 4, 3),
 ]
 # Under the interpreter: one config (autotune cannot run there), small blocks >= 16.
 _INTERP = _cfg(32, 32, 4, 1, group_m=4)
@@ -72,6 +137,47 @@ def block_m_for(num_slots: int, num_experts: int) -> int:
     return 128
 
 
+# None: pick the weight-gradient kernel per shape by timing both once (_auto_wgrad).
+WGRAD_DEFAULT: str | None = None
+_WGRAD_PICK: dict = {}
+
+
+def _auto_wgrad(key, variants: dict):
+    """The faster weight-gradient variant for this shape key. wgrad_kernel gathers dy and x
+    rows inside its loop (index loads limit its pipelining to 2-3 stages); wgrad_rows_kernel
+    reads gathered copies through tensor descriptors (deep pipelining) but pays for making the
+    copies, so which wins depends on the shape. Each variant runs once (which also runs
+    Triton's autotuning of its kernel), then 5 times under CUDA events; the median decides,
+    once per key per process, like Triton's autotuner. Without autotuning, under CUDA-graph
+    capture, or with one variant: the first (in-loop gather)."""
+    if key in _WGRAD_PICK:
+        return _WGRAD_PICK[key]
+    first = next(iter(variants))
+    if len(variants) == 1 or not _autotune_on() or torch.cuda.is_current_stream_capturing():
+        return first
+    times = {}
+    for name, fn in variants.items():
+        fn()
+        ends = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            ends.append((start, end))
+        torch.cuda.synchronize()
+        times[name] = sorted(s.elapsed_time(e) for s, e in ends)[2]
+    _WGRAD_PICK[key] = min(times, key=times.get)
+    return _WGRAD_PICK[key]
+
+
+def _small_m(block_m: int) -> int:
+    """Rows of the smaller tile that an expert's last block runs when it holds at most that
+    many rows (0: off). At ~256 rows per expert (B, C) about half the experts end in a block of
+    1-16 rows; a 32-row tile does a quarter of the 128-row tile's MMA work there."""
+    return 32 if block_m >= 64 else 0
+
+
 def _even_k(args):
     return args["K_DIM"] % args["BLOCK_K"] == 0
 
@@ -87,8 +193,9 @@ def _forced_index() -> int | None:
     return int(value) if value else None
 
 
-def _tuned(name: str, fn, configs: list, key: list[str], heuristics: dict | None = None):
-    """One autotuner per (kernel, config list, mode); built lazily, then cached for the process."""
+def _tuned(name: str, fn, configs: list, key: list[str], heuristics: dict | None = None, reset_to_zero=None):
+    """One autotuner per (kernel, config list, mode); built lazily, then cached for the process.
+    ``reset_to_zero``: outputs that some configs leave partly unwritten (zeroed after tuning)."""
     tune = _autotune_on() and not interpreter_enabled()
     forced = _forced_index()
     ident = (name, tune, forced)
@@ -100,8 +207,26 @@ def _tuned(name: str, fn, configs: list, key: list[str], heuristics: dict | None
             cfgs = [configs[forced % len(configs)]]
         if interpreter_enabled() and name.startswith("wgrad"):
             cfgs = [_INTERP_WGRAD]
-        _TUNED[ident] = triton.autotune(configs=cfgs, key=key)(fn)
+        _TUNED[ident] = triton.autotune(configs=cfgs, key=key, reset_to_zero=reset_to_zero)(fn)
     return _TUNED[ident]
+
+
+def _tma_ok(w: torch.Tensor) -> bool:
+    """A tensor descriptor over contiguous w as 2-D rows needs 16-byte rows and base; it also
+    needs Triton's scratch allocator (device-side descriptors, 128 B each)."""
+    if interpreter_enabled() or not w.is_cuda or not w.is_contiguous():
+        return False
+    if (w.shape[-1] * w.element_size()) % 16 or w.data_ptr() % 16:
+        return False
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda")
+
+        triton.set_allocator(alloc)
+    return True
 
 
 def _size_class(block_m: int) -> str:
@@ -175,7 +300,9 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int 
     expert_start = torch.empty(num_experts, device=dev, dtype=torch.int32)
     expert_count = torch.empty(num_experts, device=dev, dtype=torch.int32)
     block_expert = torch.empty(num_blocks, device=dev, dtype=torch.int32)
-    sorted_slots = torch.empty(num_blocks * block_m, device=dev, dtype=torch.int32)
+    # Zeros: padding rows name slot 0 (token 0), so gathers over the whole row buffer stay in
+    # bounds (the backward's gathered copies for wgrad_rows_kernel).
+    sorted_slots = torch.zeros(num_blocks * block_m, device=dev, dtype=torch.int32)
     warps = 8 if chunk >= 1024 else 4
     _align.align_count_kernel[(num_chunks,)](
         ids, counts, numel, num_experts, CHUNK=chunk, BLOCK_E=block_e, num_warps=warps
@@ -208,13 +335,13 @@ def _grid_rows(al: Alignment, n: int):
     return lambda meta: (al.num_blocks * triton.cdiv(n, meta["BLOCK_N"]),)
 
 
-def gate_up(x, w_gate_up, al: Alignment, top_k: int, activation: str, *, store_act=True, store_h=False):
-    """act(x W_g^T) * (x W_u^T) per row (R, F) and/or the pre-activations h (R, 2F)."""
+def gate_up(x, w_gate_up, al: Alignment, top_k: int, activation: str, *, store_act=True, h=None):
+    """act(x W_g^T) * (x W_u^T) per row (R, F), and/or (``h`` given: a (T*K, 2F) buffer) the
+    gate/up pre-activations written in slot order."""
     f = w_gate_up.shape[1] // 2
     h_dim = x.shape[1]
     cls = _size_class(al.block_m)
     out = torch.empty((al.num_rows, f), device=x.device, dtype=x.dtype) if store_act else None
-    h = torch.empty((al.num_rows, 2 * f), device=x.device, dtype=x.dtype) if store_h else None
     kern = _tuned(
         f"gate_up_{cls}", _gg.gate_up_kernel, _GATE_UP[cls], ["N", "K_DIM", "BLOCK_M"], {"EVEN_K": _even_k}
     )
@@ -236,12 +363,15 @@ def gate_up(x, w_gate_up, al: Alignment, top_k: int, activation: str, *, store_a
         w_gate_up.stride(1),
         out.stride(0) if out is not None else 0,
         h.stride(0) if h is not None else 0,
+        w_gate_up.shape[0],
         BLOCK_M=al.block_m,
         GELU=activation == "gelu",
         STORE_ACT=store_act,
-        STORE_H=store_h,
+        STORE_H=h is not None,
+        TMA_OK=_tma_ok(w_gate_up),
+        SMALL_M=_small_m(al.block_m),
     )
-    return out, h
+    return out
 
 
 def rows_gemm(a, w, w_n_stride, w_k_stride, n, al: Alignment, out, topk_weights=None):
@@ -267,8 +397,12 @@ def rows_gemm(a, w, w_n_stride, w_k_stride, n, al: Alignment, out, topk_weights=
         w_n_stride,
         w_k_stride,
         out.stride(0),
+        w.shape[0],
         BLOCK_M=al.block_m,
         HAS_WEIGHT=topk_weights is not None,
+        TMA_OK=_tma_ok(w),
+        W_K_CONTIG=w_k_stride == 1,
+        SMALL_M=_small_m(al.block_m),
     )
     return out
 
@@ -280,48 +414,69 @@ def _combine(rows: torch.Tensor, t: int, k: int) -> torch.Tensor:
     return rows.view(t, k, -1).sum(dim=1)
 
 
-def fused_experts_fwd(x, w_gate_up, w_down, topk_weights, topk_ids, activation, *, block_m=None):
-    """y (T, H) = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t)."""
+def fused_experts_fwd(
+    x, w_gate_up, w_down, topk_weights, topk_ids, activation, *, block_m=None, save_h=False
+):
+    """y (T, H) = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t), and with ``save_h`` the
+    gate/up pre-activations h (T*K, 2F) in slot order for the backward (else None)."""
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     topk_weights = topk_weights.contiguous()
     t, h = x.shape
-    e = w_gate_up.shape[0]
+    e, f2, _ = w_gate_up.shape
     k = topk_ids.shape[1]
     al = align(topk_ids, e, block_m or block_m_for(t * k, e))
-    inter, _ = gate_up(x, w_gate_up, al, k, activation)
+    hbuf = torch.empty((t * k, f2), device=x.device, dtype=x.dtype) if save_h else None
+    inter = gate_up(x, w_gate_up, al, k, activation, h=hbuf)
     # Per-slot rows in x's dtype, then a K-row sum per token: cheaper than a float32 scatter
     # of T*K*H (docs/moe.md). With K == 1 the slot is the token: write y directly.
     rows = torch.empty((t * k, h), device=x.device, dtype=x.dtype)
     rows_gemm(inter, w_down, w_down.stride(1), w_down.stride(2), h, al, rows, topk_weights.view(-1))
-    return _combine(rows, t, k)
+    return _combine(rows, t, k), hbuf
 
 
-def fused_experts_bwd(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activation, *, block_m=None):
-    """(dx, dw_gate_up, dw_down, d_topk_weights). Re-aligns and recomputes the gate/up
-    pre-activations (one gate/up GEMM) instead of storing them in the forward (docs/moe.md)."""
+def fused_experts_bwd(
+    dy, x, w_gate_up, w_down, topk_weights, topk_ids, activation, *, block_m=None, h=None, wgrad=None
+):
+    """(dx, dw_gate_up, dw_down, d_topk_weights). ``h``: the gate/up pre-activations the
+    forward stored (T*K, 2F, slot order); None recomputes them with one gate/up GEMM
+    (docs/moe.md: storing them is measured faster). Re-aligns (deterministic: the forward's
+    layout; the block size may differ). ``wgrad``: "gather" (wgrad_kernel) or "rows"
+    (wgrad_rows_kernel over gathered copies, where the tiles and strides allow it; else
+    gather); None: WGRAD_DEFAULT, or when that is None the faster one (_auto_wgrad)."""
+    wgrad = wgrad or WGRAD_DEFAULT
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     dy = dy.contiguous()
     tw = topk_weights.contiguous()
-    t, h = x.shape
+    t, hd = x.shape
     e, f2, _ = w_gate_up.shape
     f = f2 // 2
     k = topk_ids.shape[1]
     al = align(topk_ids, e, block_m or block_m_for(t * k, e))
-    _, hbuf = gate_up(x, w_gate_up, al, k, activation, store_act=False, store_h=True)
+    if h is None:
+        h = torch.empty((t * k, f2), device=x.device, dtype=x.dtype)
+        gate_up(x, w_gate_up, al, k, activation, store_act=False, h=h)
+    else:
+        h = h.contiguous()
 
     cls = _size_class(al.block_m)
+    # Configs with wider N tiles leave the later partial columns unwritten: zeroed after tuning.
     kern = _tuned(
-        f"bwd_act_{cls}", _gg.bwd_act_kernel, _ROWS[cls], ["N", "K_DIM", "BLOCK_M"], {"EVEN_K": _even_k}
+        f"bwd_act_{cls}",
+        _gg.bwd_act_kernel,
+        _BWD_ACT[cls],
+        ["N", "K_DIM", "BLOCK_M"],
+        {"EVEN_K": _even_k, "SPLIT_EPILOGUE": lambda args: args["BLOCK_N"] >= 128},
+        reset_to_zero=["dtw_part_ptr"],
     )
     dh = torch.empty((al.num_rows, f2), device=x.device, dtype=x.dtype)
     aw = torch.empty((al.num_rows, f), device=x.device, dtype=x.dtype)
     # Partial d(topk_weight) per N tile: sized for the smallest BLOCK_N any config may use.
-    max_tiles = triton.cdiv(f, min(c.kwargs["BLOCK_N"] for c in _ROWS[cls] + [_INTERP]))
+    max_tiles = triton.cdiv(f, min(c.kwargs["BLOCK_N"] for c in _BWD_ACT[cls] + [_INTERP]))
     dtw_part = torch.zeros((t * k, max_tiles), device=x.device, dtype=torch.float32)
     kern[_grid_rows(al, f)](
         dy,
         w_down,
-        hbuf,
+        h,
         tw.view(-1),
         dh,
         aw,
@@ -332,36 +487,73 @@ def fused_experts_bwd(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activati
         al.expert_count,
         al.num_blocks,
         f,
-        h,
+        hd,
         k,
         dy.stride(0),
         w_down.stride(0),
         w_down.stride(2),
         w_down.stride(1),
-        hbuf.stride(0),
+        h.stride(0),
         dh.stride(0),
         aw.stride(0),
         max_tiles,
+        e,
         BLOCK_M=al.block_m,
         GELU=activation == "gelu",
+        TMA_OK=_tma_ok(w_down),
+        SMALL_M=_small_m(al.block_m),
     )
     d_tw = dtw_part.sum(dim=1).view(t, k).to(topk_weights.dtype)
-
-    wgrad = _tuned("wgrad", _gg.wgrad_kernel, _WGRAD, ["M", "N"])
 
     def _wgrad_grid(m, n):
         return lambda meta: (e * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    variants = {"gather": lambda: _wgrad_gather(dy, x, dh, aw, al, k, _wgrad_grid, w_gate_up, w_down)}
+    if _small_m(al.block_m) >= 32 and all(_tma_ok(v) for v in (x, dh, aw)):
+        variants["rows"] = lambda: _wgrad_rows(dy, x, dh, aw, al, k, _wgrad_grid)
+    if wgrad is None:
+        wgrad = _auto_wgrad((e, hd, f, al.block_m, x.dtype, triton.next_power_of_2(t * k)), variants)
+    dw_gate_up, dw_down = variants.get(wgrad, variants["gather"])()
+    # dx[t] = sum_k dh[row(t,k)] @ Wgu_e
+    rows = torch.empty((t * k, hd), device=x.device, dtype=x.dtype)
+    rows_gemm(dh, w_gate_up, w_gate_up.stride(2), w_gate_up.stride(1), hd, al, rows)
+    return _combine(rows, t, k), dw_gate_up, dw_down, d_tw
+
+
+def _wgrad_rows(dy, x, dh, aw, al: Alignment, k: int, grid):
+    """dW via wgrad_rows_kernel: gathered copies of dy and x in the padded row order (one
+    index_select each), then both weight gradients with tensor-descriptor loads."""
+    e = al.expert_start.shape[0]
+    hd, f2, f = x.shape[1], dh.shape[1], aw.shape[1]
+    tok = al.sorted_slots // k
+    dy_rows, x_rows = dy.index_select(0, tok), x.index_select(0, tok)
+    kern = _tuned("wgrad_rows", _gg.wgrad_rows_kernel, _WGRAD_ROWS, ["M", "N"])
+    dw_down = torch.empty((e, hd, f), device=x.device, dtype=x.dtype)
+    dw_gate_up = torch.empty((e, f2, hd), device=x.device, dtype=x.dtype)
+    # dW_down[e] = dy_rows^T aw (aw's padding rows are zero); dW_gate_up[e] = dh^T x_rows (dh's too).
+    for left, right, out in ((dy_rows, aw, dw_down), (dh, x_rows, dw_gate_up)):
+        m, n = left.shape[1], right.shape[1]
+        kern[grid(m, n)](
+            left, right, out, al.expert_start, al.expert_count, al.num_rows, m, n,
+            left.stride(0), right.stride(0), out.stride(0), out.stride(1),
+        )  # fmt: skip
+    return dw_gate_up, dw_down
+
+
+def _wgrad_gather(dy, x, dh, aw, al: Alignment, k: int, grid, w_gate_up, w_down):
+    """dW via wgrad_kernel, which gathers dy and x rows by token inside its loop."""
+    hd, f2, f = x.shape[1], dh.shape[1], aw.shape[1]
+    wgrad = _tuned("wgrad", _gg.wgrad_kernel, _WGRAD, ["M", "N", "L_GATHER"])
     # dW_down[e] (H, F) = (dy rows)^T @ (w * a rows)
     dw_down = torch.empty_like(w_down)
-    wgrad[_wgrad_grid(h, f)](
+    wgrad[grid(hd, f)](
         dy,
         aw,
         dw_down,
         al.sorted_slots,
         al.expert_start,
         al.expert_count,
-        h,
+        hd,
         f,
         k,
         dy.stride(0),
@@ -373,7 +565,7 @@ def fused_experts_bwd(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activati
     )
     # dW_gate_up[e] (2F, H) = dh^T @ (x rows)
     dw_gate_up = torch.empty_like(w_gate_up)
-    wgrad[_wgrad_grid(f2, h)](
+    wgrad[grid(f2, hd)](
         dh,
         x,
         dw_gate_up,
@@ -381,7 +573,7 @@ def fused_experts_bwd(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activati
         al.expert_start,
         al.expert_count,
         f2,
-        h,
+        hd,
         k,
         dh.stride(0),
         x.stride(0),
@@ -390,7 +582,4 @@ def fused_experts_bwd(dy, x, w_gate_up, w_down, topk_weights, topk_ids, activati
         L_GATHER=False,
         R_GATHER=True,
     )
-    # dx[t] = sum_k dh[row(t,k)] @ Wgu_e
-    rows = torch.empty((t * k, h), device=x.device, dtype=x.dtype)
-    rows_gemm(dh, w_gate_up, w_gate_up.stride(2), w_gate_up.stride(1), h, al, rows)
-    return _combine(rows, t, k), dw_gate_up, dw_down, d_tw
+    return dw_gate_up, dw_down

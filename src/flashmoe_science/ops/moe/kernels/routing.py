@@ -4,11 +4,16 @@ Shape letters: T tokens, E experts, K top-k. One program owns BLOCK_T token rows
 expert columns (E <= BLOCK_E, a power of two), so every reduction stays in registers.
 The math is float64 (T*E exps, negligible next to the expert GEMMs): the float32 weights
 are then the correctly rounded values, never an ulp or two away from torch's float32 route.
+The selection compares the scores rounded to float32 (what torch's float32 route compares)
+through packed integer keys: one max reduction per pick instead of a max, an argmin and a
+sum in float64.
 """
 
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+_TAKEN = tl.constexpr(-(2**63))  # key of an expert already picked: below every real key
 
 
 @triton.jit
@@ -90,20 +95,25 @@ def route_kernel(
             gscore = tl.where(gcols[None, :] == gidx[:, None], neg_inf, gscore)
         sel = tl.where(allowed != 0, sel, neg_inf)
 
+    # Selection: one integer max per pick. The key packs the selection score (as float32,
+    # its bits made order-preserving as int32) above the reversed column, so the max is the
+    # best score and, among equal scores, the lowest expert id. The weights are gathered
+    # from the float64 scores once, after the loop.
+    bits = sel.to(tl.float32).to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - cols)[None, :].to(tl.int64)
     kcols = tl.arange(0, BLOCK_K)
-    out_w = tl.zeros((BLOCK_T, BLOCK_K), tl.float64)
     out_i = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
     for i in range(TOP_K):
-        best = tl.max(sel, axis=1)
-        idx = tl.min(tl.where(sel == best[:, None], cols[None, :], BLOCK_E), axis=1)
-        hit = cols[None, :] == idx[:, None]
-        w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
-        out_w = tl.where(kcols[None, :] == i, w[:, None], out_w)
+        top = tl.max(key, axis=1)
+        idx = (BLOCK_E - 1 - (top & 0x7FFFFFFF)).to(tl.int32)
         out_i = tl.where(kcols[None, :] == i, idx[:, None], out_i)
-        sel = tl.where(hit, neg_inf, sel)
+        key = tl.where(cols[None, :] == idx[:, None], _TAKEN, key)
+    k_ok = kcols[None, :] < TOP_K
+    out_w = tl.where(k_ok, tl.gather(scores, out_i, axis=1), 0.0)
     if RENORMALIZE:
         out_w = out_w / tl.sum(out_w, axis=1)[:, None]
     offs = rows[:, None] * TOP_K + kcols[None, :]
-    mask = row_ok[:, None] & (kcols[None, :] < TOP_K)
+    mask = row_ok[:, None] & k_ok
     tl.store(weights_ptr + offs, out_w.to(tl.float32), mask=mask)
     tl.store(ids_ptr + offs, out_i, mask=mask)
