@@ -445,7 +445,7 @@ def main():
     log(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     if args.parallel_warm:
         parallel_warm(args)
-    for s in args.sections.split(","):
+    for s in filter(None, args.sections.split(",")):
         if time.time() - T0 > args.budget_s and s != "tiny":
             log("budget reached before section", s)
             continue
