@@ -2,8 +2,9 @@
 
 A subclass: same constructor, parameters and state dict as ``nn.LayerNorm`` (checkpoints
 move both ways). Normalising over the last dim with affine weights in the input's dtype it
-calls :func:`flashmoe_science.ops.norm.layer_norm`; any other configuration falls back
-to ``nn.LayerNorm.forward``.
+calls :func:`flashmoe_science.ops.norm.layer_norm` (the fused kernel in inference on CUDA,
+PyTorch's kernels when a gradient is needed); any other configuration falls back to
+``nn.LayerNorm.forward``.
 """
 
 from __future__ import annotations

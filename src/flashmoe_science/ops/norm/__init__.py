@@ -1,4 +1,4 @@
-"""Fused LayerNorm (Triton forward and backward, float32 statistics)."""
+"""Fused LayerNorm forward (Triton, float32 statistics) for inference."""
 
 from .api import layer_norm
 
