@@ -17,6 +17,7 @@ from torch import nn
 
 import flashmoe_science.ops.attention.autograd  # noqa: F401  (registers the ops)
 import flashmoe_science.ops.moe.autograd  # noqa: F401
+import flashmoe_science.ops.norm  # noqa: F401
 from flashmoe_science import FlashMoELayer, FlashMoEScienceAttention
 
 
@@ -195,6 +196,10 @@ def _cases():
         "route_bwd": (ops.route_bwd, (d_w, logits.detach(), route_ids, "sigmoid", True)),
         "experts_fwd": (ops.experts_fwd, (x, w1, w2, tw, ids, "silu", False)),
         "experts_fwd_gelu": (ops.experts_fwd, (x, w1, w2, tw, ids, "gelu", False)),
+        "layer_norm_fwd": (
+            ops.layer_norm_fwd,
+            (torch.randn(6, 16), torch.randn(16), torch.randn(16), 1e-5, False),
+        ),
         "experts_bwd": (
             ops.experts_bwd,
             (torch.randn(12, 16), x.detach(), w1.detach(), w2.detach(), tw.detach(), ids, "silu", False),

@@ -92,13 +92,13 @@ def test_errors_name_the_argument():
 
 
 def test_op_has_a_fake_and_traces_without_graph_breaks():
-    x = torch.randn(5, 16, dtype=torch.float16)
-    w = torch.randn(16, dtype=torch.float16)
-    torch.library.opcheck(
-        api.layer_norm_fwd, (x, w, None, 1e-5), test_utils=("test_schema", "test_faketensor")
-    )
+    # The kernel path: compiled on a GPU, interpreted on CPU (conftest sets TRITON_INTERPRET).
+    x = torch.randn(5, 16, dtype=torch.float16, device=DEVICE)
+    w = torch.randn(16, dtype=torch.float16, device=DEVICE)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(api.layer_norm_fwd, (x, w, None, 1e-5, True), test_utils=checks)
 
     def f(x, w):
-        return api.layer_norm_fwd(x, w, None, 1e-5)
+        return api.layer_norm_fwd(x, w, None, 1e-5, True)
 
     assert torch._dynamo.explain(f)(x, w).graph_break_count == 0

@@ -31,8 +31,12 @@ def _block_m(block_n: int) -> int:
 
 @torch.library.custom_op(f"{_LIB}::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, use_kernel: bool
 ) -> torch.Tensor:
+    """Forward only (no autograd is registered: ``layer_norm`` sends calls that need a
+    gradient to PyTorch). ``use_kernel=False`` runs ``F.layer_norm``."""
+    if not use_kernel:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -51,7 +55,7 @@ def layer_norm_fwd(
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, use_kernel):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -88,7 +92,7 @@ def layer_norm(
         and not _needs_grad(x, weight, bias)
     )
     if use_kernel:
-        return layer_norm_fwd(x, weight, bias, float(eps))
+        return layer_norm_fwd(x, weight, bias, float(eps), True)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
