@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +267,20 @@ def test_cli_list(capsys):
     assert cli_main(["list", "moe"]) == 0
     out = capsys.readouterr().out
     assert "issue5" in out and "moe_decode" in out
+
+
+@pytest.mark.parametrize(
+    "kind,results",
+    [
+        ("attn_short", "attn_short-h200-20261126.json"),
+        ("science", "science_throughput-h200-20261126.json"),
+        ("hf", "hf_throughput_qwen3_moe_h200_20261126b.json"),
+    ],
+)
+def test_plot_throughput_from_committed_results(kind, results, tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot_throughput
+
+    root = Path(__file__).resolve().parents[1]
+    out = plot_throughput.plot(kind, root / "benchmarks" / "results" / results, tmp_path / f"{kind}.png")
+    assert out.stat().st_size > 10_000
