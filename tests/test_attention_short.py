@@ -22,15 +22,7 @@ from flashmoe_science.ops.attention import launch, launch_bwd, launch_short, ref
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _poisoned(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
+pytestmark = pytest.mark.usefixtures("poisoned_alloc")
 
 
 def _packed(lengths, h, h_kv, d, dtype, seed=0):
