@@ -106,3 +106,17 @@ def test_screen_charge_balanced_counts():
     assert res.n_enumerated == space.size() and 0 < res.n_candidates < space.size()
     assert {"NaCl", "KCl", "Na2O"} <= {r["formula"] for r in res.top}
     assert "NaO" not in {r["formula"] for r in res.top}
+
+
+def test_graphed_predictor_is_predict_off_cuda():
+    """Off CUDA GraphedPredictor calls predict (the CUDA graph path is checked on the GPU by
+    benchmarks/science_throughput.py: a replay equals an eager call bit for bit)."""
+    from flashmoe_science.science.model import GraphedPredictor
+
+    torch.manual_seed(0)
+    model = CompositionTransformer(("band_gap",), **TINY).eval()
+    batch = pack_formulas(["NaCl", "GaAs", "Fe2O3"]).to_torch()
+    got = GraphedPredictor(model, "band_gap")(batch)
+    want = model.predict(batch, "band_gap")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
