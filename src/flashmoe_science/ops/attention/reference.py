@@ -163,7 +163,12 @@ def attention_bwd_ref(
     p = torch.where(torch.isfinite(lse_g), p, torch.zeros_like(p))
     dv = torch.einsum("bhgqk,bhgqd->bhkd", p, dog)
     dp = torch.einsum("bhgqd,bhkd->bhgqk", dog, vf)
-    delta = (dog * og).sum(-1, keepdim=True)
+    # delta = rowsum(dO * O) with O = P V recomputed in the compute dtype: the stored ``out``
+    # is rounded to the input dtype (fp16/bf16), and its rounding (up to 2^-11 relative) moved
+    # dK by a full fp16 ulp on small cases (the kernels use the stored O, as FlashAttention
+    # does; the reference is the accurate side of the comparison).
+    o_exact = torch.einsum("bhgqk,bhkd->bhgqd", p, vf) if out.dtype != cd else og
+    delta = (dog * o_exact).sum(-1, keepdim=True)
     ds = p * (dp - delta) * softmax_scale
     dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, kf).reshape(b, h, s_q, d)
     dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, qg)
