@@ -102,3 +102,14 @@ def test_op_has_a_fake_and_traces_without_graph_breaks():
         return api.layer_norm_fwd(x, w, None, 1e-5, True)
 
     assert torch._dynamo.explain(f)(x, w).graph_break_count == 0
+
+
+def test_strided_weight_and_bias(triton_path):
+    """Views with non-unit strides (e.g. columns of a packed parameter) give the same result."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 7, generator=g).to(DEVICE, torch.float16)
+    wb = torch.randn(7, 2, generator=g).to(DEVICE, torch.float16)
+    with torch.no_grad():
+        got = layer_norm(x, wb[:, 0], wb[:, 1])
+    ref64 = F.layer_norm(x.double(), (7,), wb[:, 0].double(), wb[:, 1].double())
+    assert_close_rule(got, ref64, F.layer_norm(x, (7,), wb[:, 0], wb[:, 1]), name="y")

@@ -169,3 +169,20 @@ def test_tiny_model_trains_on_cpu():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses[::8]
+
+
+def test_moe_aux_loss_in_inference_is_computed_on_read():
+    """Eval + no_grad defers the aux loss to its first read (screening never reads it); the
+    value read is the one a training-mode forward gives."""
+    torch.manual_seed(0)
+    layer = FlashMoELayer(16, 4, top_k=2)
+    x = torch.randn(10, 16)
+    layer(x)
+    expected = layer.aux_loss.detach().clone()
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        assert layer._aux_pending is not None
+        got = layer.aux_loss
+    assert layer._aux_pending is None
+    torch.testing.assert_close(got, expected)

@@ -4,7 +4,9 @@ A subclass: same constructor, parameters and state dict as ``nn.LayerNorm`` (che
 move both ways). Normalising over the last dim with affine weights in the input's dtype it
 calls :func:`flashmoe_science.ops.norm.layer_norm` (the fused kernel in inference on CUDA,
 PyTorch's kernels when a gradient is needed); any other configuration falls back to
-``nn.LayerNorm.forward``.
+``nn.LayerNorm.forward``. Under ``torch.autocast`` PyTorch runs LayerNorm in float32 and
+returns float32; the fused path (inference, half-precision weights) returns the input's
+dtype.
 """
 
 from __future__ import annotations

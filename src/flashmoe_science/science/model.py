@@ -193,8 +193,8 @@ class CompositionTransformer(nn.Module):
 
 class GraphedPredictor:
     """``model.predict(batch, task)`` replayed from CUDA graphs: one graph per batch shape
-    (tokens, compositions, longest, runs), captured on first sight, at most ``max_graphs``
-    (further shapes run eagerly). Screening feeds thousands of equal-shape chunks, where
+    (tokens, compositions, longest, runs), captured the second time a shape is seen, at most
+    ``max_graphs`` (other shapes run eagerly). Screening feeds thousands of equal-shape chunks, where
     per-launch CPU cost dominates an eager forward; the library's layers never synchronise
     with the host on CUDA (no ``.item()``, no data-dependent shapes), so the whole forward
     captures. A plain PyTorch expert loop (``nonzero`` per expert) cannot be captured.
@@ -206,6 +206,7 @@ class GraphedPredictor:
     def __init__(self, model: CompositionTransformer, task: str, max_graphs: int = 8) -> None:
         self.model, self.task, self.max_graphs = model, task, max_graphs
         self._graphs: dict[tuple, tuple] = {}
+        self._seen: dict[tuple, int] = {}
         self._pool = None
 
     def __call__(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,9 +215,13 @@ class GraphedPredictor:
         key = (batch.z.numel(), batch.num_compositions, batch.max_seqlen, batch.runs)
         entry = self._graphs.get(key)
         if entry is None:
-            if len(self._graphs) >= self.max_graphs:
+            # Capture on a shape's second sighting: a shape seen once (a filtered chunk of odd
+            # size) runs eagerly instead of paying two warm-ups and a capture for one use.
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < 2 or len(self._graphs) >= self.max_graphs:
                 return self.model.predict(batch, self.task)
-            entry = self._graphs[key] = self._capture(batch)
+            with torch.cuda.device(batch.z.device):
+                entry = self._graphs[key] = self._capture(batch)
         static, graph, outputs = entry
         for name in ("z", "frac", "cu_seqlens", "seg"):
             getattr(static, name).copy_(getattr(batch, name))

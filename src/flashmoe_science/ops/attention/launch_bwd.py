@@ -272,13 +272,13 @@ def attention_varlen_bwd(
     """Varlen backward: do/q/out (T_q, H, D), k/v (T_k, H_kv, D), lse float32 (H, T_q),
     ``cu_seqlens_*`` int32 (B + 1). Empty sequences are allowed; no host sync. Packed
     self-attention over short sequences goes to ``launch_short`` (``short=False`` forces
-    the general kernels)."""
+    the general kernels, ``short=True`` the short ones wherever they can run)."""
     _check(do=do, q=q, k=k, v=v, out=out)
     batch = cu_seqlens_q.shape[0] - 1
     if batch <= 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if short is not False and launch_short.applies(
-        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backward=True
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backward=True, force=bool(short)
     ):
         return launch_short.varlen_bwd(do, q, k, v, out, lse, cu_seqlens_q, max_seqlen_q, causal, scale)
     if _interpreter_bf16(q):

@@ -100,7 +100,7 @@ def varlen_fwd(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float)
 
 
 def varlen_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
-    """Gradients (dq, dk, dv) with the shapes and dtypes of q, k, v (contiguous)."""
+    """Gradients (dq, dk, dv) with the shapes, dtypes and strides of q, k, v."""
     t, h, _ = q.shape
     h_kv = k.shape[1]
     # Gradients take the inputs' strides (what the op's fake implementation promises).

@@ -43,6 +43,8 @@ def layer_norm_fwd(
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    weight = weight.contiguous()  # the kernel reads them with unit stride
+    bias = bias.contiguous() if bias is not None else None
     if m:
         block_n = triton.next_power_of_2(n)
         block_m = _block_m(block_n)
