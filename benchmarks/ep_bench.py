@@ -44,7 +44,6 @@ os.environ.update(NVLS_OFF)
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -52,6 +51,9 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` when run by torchrun
+
+from benchmarks.harness import git_sha  # noqa: E402
 from flashmoe_science.distributed import ExpertParallelMoE, new_ep_dp_groups  # noqa: E402
 from flashmoe_science.nn import FlashMoELayer  # noqa: E402
 
@@ -105,14 +107,6 @@ def _nccl_version() -> str:
 
 
 def _meta(args, world: int) -> dict:
-    def git_sha() -> str | None:
-        try:
-            return subprocess.check_output(
-                ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
-            ).strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
     try:
         import triton
 

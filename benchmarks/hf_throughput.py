@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from benchmarks import harness
 
 MODELS = {
     # Qwen3-30B-A3B-like layer at a width that fits beside its gradients: 128 experts, top-8.
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
         "date": dt.date.today().isoformat(),
         "command": "python -m benchmarks.hf_throughput "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_sha": _git_sha(),
+        "git_sha": harness.git_sha(),
         "best_hf_impl": best_hf["impl"] if best_hf else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -223,15 +224,6 @@ def _case(args, model) -> dict:
         "ffn": getattr(c, "moe_intermediate_size", None) or c.intermediate_size,
         "dtype": "bfloat16",
     }
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import copy
 import datetime
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import git_sha  # noqa: E402
 from flashmoe_science.science.featurize import MAX_Z, PackedBatch  # noqa: E402
 from flashmoe_science.science.model import CompositionTransformer, GraphedPredictor  # noqa: E402
 
@@ -321,17 +322,13 @@ def main(argv=None) -> int:
     rows = []
     for case in cases:
         rows.extend(run_case(case, device, dtype, args.warmup, args.iters))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        sha = ""
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": _triton_version(),
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "git_sha": sha,
+        "git_sha": git_sha(),
         "command": "python benchmarks/science_throughput.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
