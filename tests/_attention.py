@@ -17,6 +17,19 @@ def reference_grads(q, k, v, do, causal, scale, ref_fn):
     return out
 
 
+def varlen_ref_fn(cu_seqlens_q, cu_seqlens_k):
+    """``reference.attention_varlen_ref`` over fixed ``cu_seqlens``, in the ``ref_fn`` form
+    ``reference_grads`` takes."""
+    from flashmoe_science.ops.attention import reference
+
+    def ref_fn(q, k, v, causal, scale, compute_dtype):
+        return reference.attention_varlen_ref(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, compute_dtype=compute_dtype
+        )
+
+    return ref_fn
+
+
 def check_grads(grads, r_grads, p_grads):
     """dq, dk, dv against the float64 grads by DESIGN.md's rule (3x the same-dtype error)."""
     for name, g, r, p in zip(("dq", "dk", "dv"), grads, r_grads, p_grads):

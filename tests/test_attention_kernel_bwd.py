@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from _attention import check_grads, reference_grads
+from _attention import check_grads, reference_grads, varlen_ref_fn
 
 from flashmoe_science import flash_attention_science, flash_attention_varlen
 from flashmoe_science.ops.attention import launch_bwd, reference
@@ -95,7 +95,11 @@ VARLEN_CASES = [
 @pytest.mark.parametrize("case", VARLEN_CASES)
 def test_varlen_grads_match_float64(case, mode, monkeypatch, poisoned_alloc):
     monkeypatch.setenv("FLASHMOE_ATTN_BWD_DQ", mode)
-    lq, lk, h, h_kv, causal = case
+    _check_varlen_grads(*case)
+
+
+def _check_varlen_grads(lq, lk, h, h_kv, causal, **bwd_options):
+    """The varlen backward kernels on packed fp16 inputs (d = 32) against the float64 oracle."""
     d = 32
     q, cu_q = _pack(lq, h, d, torch.float16)
     k, cu_k = _pack(lk, h_kv, d, torch.float16)
@@ -104,15 +108,9 @@ def test_varlen_grads_match_float64(case, mode, monkeypatch, poisoned_alloc):
     out, lse = reference.attention_varlen_ref(q, k, v, cu_q, cu_k, causal, scale)
     do = torch.randn_like(q)
     grads = launch_bwd.attention_varlen_bwd(
-        do, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), causal, scale
+        do, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), causal, scale, **bwd_options
     )
-
-    def ref_fn(q_, k_, v_, causal_, scale_, compute_dtype):
-        return reference.attention_varlen_ref(
-            q_, k_, v_, cu_q, cu_k, causal_, scale_, compute_dtype=compute_dtype
-        )
-
-    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, ref_fn))
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, varlen_ref_fn(cu_q, cu_k)))
 
 
 def test_empty_inputs_launch_nothing():
@@ -173,10 +171,7 @@ def test_public_varlen_triton_path_fwd_and_bwd(monkeypatch):
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, do)
 
-    def ref_fn(q_, k_, v_, causal_, scale_, compute_dtype):
-        return reference.attention_varlen_ref(
-            q_, k_, v_, cu, cu, causal_, scale_, compute_dtype=compute_dtype
-        )
+    ref_fn = varlen_ref_fn(cu, cu)
 
     check_grads(grads, *reference_grads(q, k, v, do, True, 1.0 / math.sqrt(32), ref_fn))
 
@@ -195,21 +190,4 @@ def test_batch_times_heads_over_the_grid_y_limit(monkeypatch, poisoned_alloc):
     the limit is lowered here so the split (and the exit of the spare programs) runs small."""
     monkeypatch.setattr(launch_bwd, "_MAX_GRID_Y", 3)
     assert launch_bwd._bh_axes(10) == (3, 4) and launch_bwd._bh_axes(3) == (3, 1)
-    lq = lk = [9, 0, 17, 4, 30]
-    h = h_kv = 2
-    q, cu_q = _pack(lq, h, 32, torch.float16)
-    k, cu_k = _pack(lk, h_kv, 32, torch.float16)
-    v = torch.randn_like(k)
-    scale = 32**-0.5
-    out, lse = reference.attention_varlen_ref(q, k, v, cu_q, cu_k, True, scale)
-    do = torch.randn_like(q)
-    grads = launch_bwd.attention_varlen_bwd(
-        do, q, k, v, out, lse, cu_q, cu_k, 30, 30, True, scale, short=False
-    )
-
-    def ref_fn(q_, k_, v_, causal_, scale_, compute_dtype):
-        return reference.attention_varlen_ref(
-            q_, k_, v_, cu_q, cu_k, causal_, scale_, compute_dtype=compute_dtype
-        )
-
-    check_grads(grads, *reference_grads(q, k, v, do, True, scale, ref_fn))
+    _check_varlen_grads([9, 0, 17, 4, 30], [9, 0, 17, 4, 30], 2, 2, True, short=False)

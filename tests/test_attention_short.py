@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from _attention import check_grads, reference_grads
+from _attention import check_grads, reference_grads, varlen_ref_fn
 from _numerics import assert_close_rule
 
 from flashmoe_science import flash_attention_varlen
@@ -48,15 +48,6 @@ CASES = [
 ]
 
 
-def _ref_fn(cu):
-    def fn(q_, k_, v_, causal_, scale_, compute_dtype):
-        return reference.attention_varlen_ref(
-            q_, k_, v_, cu, cu, causal_, scale_, compute_dtype=compute_dtype
-        )
-
-    return fn
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_short_forward_matches_float64(case):
     n, longest, h, h_kv, d, causal, dtype = case
@@ -78,7 +69,7 @@ def test_short_backward_matches_float64(case):
     out, lse = reference.attention_varlen_ref(q, k, v, cu, cu, causal, scale)
     do = torch.randn_like(q.float()).to(dtype)
     grads = launch_bwd.attention_varlen_bwd(do, q, k, v, out, lse, cu, cu, longest, longest, causal, scale)
-    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, _ref_fn(cu)))
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, varlen_ref_fn(cu, cu)))
 
 
 def test_dispatch_needs_one_packing_and_short_sequences(monkeypatch):
@@ -114,6 +105,6 @@ def test_public_api_fwd_bwd_through_short_path(monkeypatch):
     r_out, _ = reference.attention_varlen_ref(q, k, v, cu, cu, True, scale, compute_dtype=torch.float64)
     p_out, _ = reference.attention_varlen_ref(q, k, v, cu, cu, True, scale, compute_dtype=q.dtype)
     assert_close_rule(out, r_out, p_out, name="out")
-    check_grads([t.grad for t in leaves], *reference_grads(q, k, v, do, True, scale, _ref_fn(cu)))
+    check_grads([t.grad for t in leaves], *reference_grads(q, k, v, do, True, scale, varlen_ref_fn(cu, cu)))
     general, _ = launch.attention_varlen_fwd(q, k, v, cu, cu, 6, 6, True, scale, short=False)
     assert_close_rule(general, r_out, p_out, name="general kernel out")

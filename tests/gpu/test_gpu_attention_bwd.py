@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from _attention import check_grads, reference_grads
+from _attention import check_grads, reference_grads, varlen_ref_fn
 
 from flashmoe_science import flash_attention_science, flash_attention_varlen
 from flashmoe_science.ops.attention import launch_bwd, reference
@@ -107,8 +107,7 @@ def test_varlen_grads(dtype, causal):
         do, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), causal, scale
     )
 
-    def ref_fn(q_, k_, v_, c, s, compute_dtype):
-        return reference.attention_varlen_ref(q_, k_, v_, cu_q, cu_k, c, s, compute_dtype=compute_dtype)
+    ref_fn = varlen_ref_fn(cu_q, cu_k)
 
     check_grads(grads, *reference_grads(q, k, v, do, causal, scale, ref_fn))
 
@@ -135,8 +134,7 @@ def test_public_varlen_fwd_bwd_kernels():
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, do)
 
-    def ref_fn(q_, k_, v_, c, s, compute_dtype):
-        return reference.attention_varlen_ref(q_, k_, v_, cu, cu, c, s, compute_dtype=compute_dtype)
+    ref_fn = varlen_ref_fn(cu, cu)
 
     check_grads(grads, *reference_grads(q, k, v, do, True, 1.0 / math.sqrt(64), ref_fn))
 
