@@ -62,10 +62,10 @@ def _segments(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True, out_int32=True)
 
 
-def _meta(q: torch.Tensor, max_seqlen: int, causal: bool) -> dict:
+def _meta(q: torch.Tensor, k: torch.Tensor, max_seqlen: int, causal: bool) -> dict:
     d = q.shape[-1]
     return dict(
-        GROUP=1,
+        GROUP=q.shape[1] // k.shape[1],
         HEAD_DIM=d,
         D_PAD=max(16, triton.next_power_of_2(d)),
         BLOCK_M=_BLOCK_M,
@@ -85,8 +85,7 @@ def varlen_fwd(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float)
     t, h, _ = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((h, t), dtype=torch.float32, device=q.device)
-    meta = _meta(q, max_seqlen, causal)
-    meta["GROUP"] = h // k.shape[1]
+    meta = _meta(q, k, max_seqlen, causal)
     seg = _segments(cu_seqlens, t)
     grid = (triton.cdiv(t, _BLOCK_M), h)
     short.short_fwd_kernel[grid](
@@ -101,12 +100,10 @@ def varlen_fwd(q, k, v, cu_seqlens, max_seqlen: int, causal: bool, scale: float)
 
 def varlen_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, causal: bool, scale: float):
     """Gradients (dq, dk, dv) with the shapes, dtypes and strides of q, k, v."""
-    t, h, _ = q.shape
-    h_kv = k.shape[1]
+    t, h_kv = q.shape[0], k.shape[1]
     # Gradients take the inputs' strides (what the op's fake implementation promises).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    meta = _meta(q, max_seqlen, causal)
-    meta["GROUP"] = h // h_kv
+    meta = _meta(q, k, max_seqlen, causal)
     seg = _segments(cu_seqlens, t)
     grid = (triton.cdiv(t, _BLOCK_M), h_kv)
     short.short_bwd_kernel[grid](
