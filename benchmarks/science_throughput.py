@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import git_sha  # noqa: E402
-from flashmoe_science.science.featurize import MAX_Z, PackedBatch  # noqa: E402
+from flashmoe_science.nn.moe import load_balancing_loss, router_z_loss  # noqa: E402
+from flashmoe_science.science.featurize import MAX_Z, PackedBatch, PackedCompositions  # noqa: E402
 from flashmoe_science.science.model import CompositionTransformer, GraphedPredictor  # noqa: E402
+from flashmoe_science.science.train import TrainStep, _Precision, compute_dtype, sorted_batches  # noqa: E402
 
 CASES = [
     # model shape, screening chunk (candidates of L elements), training batch (compositions)
@@ -98,12 +101,17 @@ class PlainMoE(nn.Module):
         self.router.weight = nn.Parameter(src.router.weight.detach().clone())
         self.w_gate_up = nn.Parameter(src.w_gate_up.detach().clone())
         self.w_down = nn.Parameter(src.w_down.detach().clone())
+        self.aux_loss_coef, self.z_loss_coef = src.aux_loss_coef, src.z_loss_coef
+        self.aux_loss = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)
         probs = torch.softmax(logits.float(), dim=-1)
         w, ids = probs.topk(self.top_k, dim=-1)
         w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        if self.training:  # the same auxiliary loss as FlashMoELayer, in plain PyTorch
+            lb = load_balancing_loss(logits, ids, self.w_gate_up.shape[0], "softmax")
+            self.aux_loss = self.aux_loss_coef * lb + self.z_loss_coef * router_z_loss(logits)
         out = torch.zeros_like(x)
         f = self.w_down.shape[2]
         for e in range(self.w_gate_up.shape[0]):
@@ -147,6 +155,10 @@ class PlainCompositionTransformer(nn.Module):
         self.norm = nn.LayerNorm(src.norm.normalized_shape)  # plain, not the library's FlashLayerNorm
         self.norm.load_state_dict(src.norm.state_dict())
 
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return torch.stack([b.moe.aux_loss.float() for b in self.blocks]).sum()
+
     def forward(self, batch: PackedBatch):
         src = self.src_embed
         x = src.embed(batch)
@@ -171,26 +183,24 @@ def screen_batch(n: int, length: int, device, gen) -> PackedBatch:
     return PackedBatch(z.reshape(-1), frac, cu, seg, length, ((0, n * length, length),))
 
 
-def train_batch(n: int, device, gen) -> tuple[PackedBatch, torch.Tensor]:
-    # mp_gap-like mix of element counts (mostly 2-5, up to 8); sorted so runs are few.
+def train_compositions(n: int, gen) -> tuple[PackedCompositions, np.ndarray]:
+    """n random compositions with an mp_gap-like mix of element counts (mostly 2-5, up to
+    8) and random targets: the stand-in when no packed real data set is given."""
     probs = torch.tensor([0.02, 0.2, 0.38, 0.25, 0.1, 0.03, 0.01, 0.01])
-    lengths = torch.multinomial(probs, n, replacement=True, generator=gen).sort().values + 1
-    cu = F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-    t = int(cu[-1])
-    seg = torch.repeat_interleave(torch.arange(n), lengths)
-    z = torch.randint(1, 84, (t,), generator=gen)
-    amounts = torch.randint(1, 7, (t,), generator=gen).float()
-    frac = amounts / torch.zeros(n).index_add_(0, seg, amounts)[seg]
-    runs, start = [], 0
-    for length in range(1, 9):
-        cnt = int((lengths == length).sum())
-        if cnt:
-            runs.append((start, start + cnt * length, length))
-            start += cnt * length
-    batch = PackedBatch(
-        z.to(device), frac.to(device), cu.to(device), seg.to(device), int(lengths.max()), tuple(runs)
-    )
-    return batch, torch.randn(n, generator=gen).to(device)
+    lengths = (torch.multinomial(probs, n, replacement=True, generator=gen) + 1).numpy()
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    t = int(offsets[-1])
+    z = torch.randint(1, 84, (t,), generator=gen).numpy()
+    amounts = torch.randint(1, 7, (t,), generator=gen).float().numpy()
+    frac = (amounts / np.repeat(np.add.reduceat(amounts, offsets[:-1]), lengths)).astype(np.float32)
+    return PackedCompositions(z, frac, offsets), torch.randn(n, generator=gen).numpy()
+
+
+def load_packed(path: str) -> tuple[PackedCompositions, np.ndarray]:
+    """A data set packed on a machine with pymatgen (``--pack-mp-gap``): z, frac, offsets, y."""
+    d = np.load(path)
+    return PackedCompositions(d["z"], d["frac"], d["offsets"]), d["y"]
 
 
 def _sync(device) -> None:
@@ -209,7 +219,7 @@ def _time(fn, device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def run_case(case: dict, device, dtype, warmup: int, iters: int) -> list[dict]:
+def run_case(case: dict, device, dtype, warmup: int, iters: int, data, train_steps=(30, 40)) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     model_kw = {k: case[k] for k in ("dim", "heads", "layers", "experts", "top_k", "ffn")}
     torch.manual_seed(0)
@@ -275,37 +285,68 @@ def run_case(case: dict, device, dtype, warmup: int, iters: int) -> list[dict]:
 
     # --- training: forward + backward + AdamW on a mixed-length batch, per batch size
     for size in case["batches"]:
-        rows.extend(_train_rows(flash, plain, size, shape, device, gen, warmup, iters))
+        rows.extend(_train_rows(flash, size, shape, device, data, *train_steps))
     return rows
 
 
-def _train_rows(flash, plain, size, shape, device, gen, warmup, iters) -> list[dict]:
+def _train_rows(flash, size, shape, device, data, warmup, iters) -> list[dict]:
+    """samples/s of :class:`TrainStep` (what ``fit`` runs: float32 master weights, a
+    bfloat16 working copy on CUDA, AdamW, grad clipping) over shuffled batches of ``data``,
+    host-side batch assembly included, for three variants of the same model and weights."""
+    packed, targets, name = data
+    y = torch.as_tensor(targets, dtype=torch.float32)
+    max_len = int(packed.lengths.max())
     rows = []
-    tb, y = train_batch(size, device, gen)
-    for impl, m in (("flashmoe", flash), ("plain_pytorch", plain)):
-        m.train()
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    variants = [("flashmoe", False), ("plain_pytorch", False)]
+    if device.type == "cuda":
+        variants.insert(1, ("flashmoe_cuda_graphs", True))
+    for impl, graphs in variants:
+        master = copy.deepcopy(flash).float()
+        if impl == "plain_pytorch":
+            master = PlainCompositionTransformer(master).to(device)  # new layers start on the CPU
+        master.train()
+        lr = torch.tensor(1e-4, device=device) if graphs else 1e-4
+        opt = torch.optim.AdamW(master.parameters(), lr=lr, capturable=graphs)
+        prec = _Precision(master, compute_dtype(device))
+        prec.work.train()
+        step = TrainStep(
+            prec, opt, "band_gap", grad_clip=1.0, cuda_graphs=graphs, batch_size=size, max_len=max_len
+        )
+        rng = np.random.default_rng(0)
 
-        def step(m=m, opt=opt):
-            mu, log_b = m(tb)["band_gap"]
-            loss = (torch.abs(y - mu) * torch.exp(-log_b) + log_b).mean()
-            if m is flash:
-                loss = loss + flash.aux_loss.to(loss.device)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        def batches(rng=rng):
+            while True:
+                yield from sorted_batches(np.arange(len(packed)), packed.lengths, size, rng)
 
-        sec = _time(step, device, warmup, iters)
+        it = batches()
+        acc = torch.zeros((), device=device)
+        for _ in range(warmup):
+            acc += step(packed.select(idx := next(it)), y[idx])
+        _sync(device)
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(iters):
+            idx = next(it)
+            acc += step(packed.select(idx), y[idx])
+            n += len(idx)
+        _sync(device)
+        sec = time.perf_counter() - t0
+        loss = float(acc) / (warmup + iters)
+        extra = {"graphs": step.num_graphs} if graphs else {}
+        print(f"  train {impl:22s} B{size}: {sec / iters * 1e3:8.2f} ms/step, mean loss {loss:.3f} {extra}")
         rows.append(
             {
                 "op": "science_train",
                 "impl": impl,
-                "case": {**shape, "batch": size, "tokens": int(tb.cu_seqlens[-1]), "max_len": tb.max_seqlen},
-                "ms": sec * 1e3,
+                "case": {**shape, "batch": size, "data": name, "max_len": max_len},
+                "ms": sec / iters * 1e3,
                 "metric": "samples_per_s",
-                "value": size / sec,
+                "value": n / sec,
+                "mean_loss": loss,
+                **extra,
             }
         )
+        del step, prec, opt, master
     return rows
 
 
@@ -315,13 +356,34 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check of the script)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--train-warmup", type=int, default=30, help="training steps before timing")
+    ap.add_argument("--train-iters", type=int, default=40, help="timed training steps")
+    ap.add_argument("--data", default=None, help="packed training set (.npz from --pack-mp-gap)")
+    ap.add_argument("--pack-mp-gap", default=None, metavar="NPZ", help="pack mp_gap to NPZ and exit")
     args = ap.parse_args(argv)
+    if args.pack_mp_gap:
+        from flashmoe_science.science.data import load_mp_gap
+        from flashmoe_science.science.featurize import pack_formulas
+
+        ds = load_mp_gap()
+        pk = pack_formulas(ds.formulas)
+        np.savez(args.pack_mp_gap, z=pk.z, frac=pk.frac, offsets=pk.offsets, y=np.asarray(ds.targets))
+        print(f"packed {len(pk)} mp_gap compositions ({int(pk.offsets[-1])} tokens) -> {args.pack_mp_gap}")
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cases = SMOKE_CASES if args.smoke or device.type != "cuda" else CASES
+    if args.data:
+        data = (*load_packed(args.data), "mp_gap")
+    else:
+        data = (
+            *train_compositions(4096 if args.smoke else 106_113, torch.Generator().manual_seed(1)),
+            "synthetic",
+        )
+    steps = (3, 4) if args.smoke else (args.train_warmup, args.train_iters)
     rows = []
     for case in cases:
-        rows.extend(run_case(case, device, dtype, args.warmup, args.iters))
+        rows.extend(run_case(case, device, dtype, args.warmup, args.iters, data, steps))
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,

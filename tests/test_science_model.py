@@ -129,3 +129,59 @@ def test_pooling_by_runs_equals_scatter_add():
     by_seg = CompositionTransformer.pool(x, batch)
     assert by_runs.shape == (len(formulas), 8)
     torch.testing.assert_close(by_runs, by_seg, rtol=1e-12, atol=1e-12)
+
+
+def test_graph_padding_keeps_loss_and_gradients():
+    """TrainStep pads a batch (dummy compositions, zero loss weight) to a bucket shape for
+    CUDA-graph replay; the regression loss and its gradients must equal the unpadded batch's."""
+    from flashmoe_science.science.model import regression_loss
+    from flashmoe_science.science.train import TrainStep
+
+    torch.manual_seed(0)
+    model = CompositionTransformer(("band_gap",), **TINY, attention_path="packed").double()
+    opt = torch.optim.AdamW(model.parameters())
+    step = TrainStep(
+        _Precision(model, torch.float64), opt, "band_gap", batch_size=8, max_len=5, token_multiple=8
+    )
+    assert step.slots == 8 + 2  # ceil(7 / 4) spare dummies
+    formulas = ["Si", "NaCl", "GaAs", "Fe2O3", "LiFePO4", "CuInSe2", "Al2O3"]
+    packed = pack_formulas(formulas)
+    y = torch.randn(len(formulas)).double()  # targets and weights are float32 in training
+    key = step._shape(len(packed), int(packed.offsets[-1]))
+    assert key[0] == step.slots and key[1] % 8 == 0 and key[1] >= packed.offsets[-1] + step.slots - 7
+    padded, ys, weight = step._fill(key, packed, y)
+    lengths = (padded.cu_seqlens[1:] - padded.cu_seqlens[:-1]).tolist()
+    assert padded.z.numel() == key[1] and len(lengths) == step.slots
+    assert lengths[:7] == packed.lengths.tolist() and all(1 <= n <= 5 for n in lengths)
+    assert padded.max_seqlen == 5 and float(weight.sum()) == pytest.approx(1.0)
+    padded.frac = padded.frac.double()
+
+    def loss_and_grads(batch, target, w):
+        model.zero_grad()
+        mu, log_b = model(batch)["band_gap"]
+        loss = regression_loss(mu, log_b, target, w)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = _batch(formulas)
+    plain.frac = plain.frac.double()
+    ref_loss, ref_grads = loss_and_grads(plain, y, torch.full((7,), 1 / 7).double())
+    got_loss, got_grads = loss_and_grads(padded, ys.double(), weight.double())
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert len(got_grads) == len(ref_grads)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    # A later batch whose padding range holds a seen shape reuses it (one graph, not two).
+    step._seen[key] = 1
+    other = pack_formulas(formulas[:5])
+    assert step._shape(len(other), int(other.offsets[-1])) == key
+
+
+def test_train_step_refuses_graphs_without_capturable_optimizer():
+    from flashmoe_science.science.train import TrainStep
+
+    model = CompositionTransformer(("band_gap",), **TINY)
+    opt = torch.optim.AdamW(model.parameters())
+    prec = _Precision(model, torch.float32)
+    step = TrainStep(prec, opt, "band_gap", cuda_graphs=True)  # CPU: graphs are off, no error
+    assert not step.graphs

@@ -168,7 +168,8 @@ class CompositionTransformer(nn.Module):
 
         With ``batch.runs`` (equal-length runs covering the batch in order) each run is a
         dense (n, L, E) sum, accumulated in float32 and rounded once; otherwise a
-        scatter-add over ``batch.seg`` (atomics in x's dtype)."""
+        float32 scatter-add over ``batch.seg``, rounded once (what a padded, graph-captured
+        training batch takes: its runs change from batch to batch)."""
         xw = x * batch.frac.to(x.dtype)[:, None]
         runs = batch.runs
         if runs and runs[0][0] == 0 and runs[-1][1] == x.shape[0] and all(r[2] > 0 for r in runs):
@@ -176,7 +177,9 @@ class CompositionTransformer(nn.Module):
             if contiguous and sum((t1 - t0) // n for t0, t1, n in runs) == batch.num_compositions:
                 parts = [xw[t0:t1].view(-1, length, x.shape[1]).sum(1) for t0, t1, length in runs]
                 return parts[0] if len(parts) == 1 else torch.cat(parts)
-        return x.new_zeros((batch.num_compositions, x.shape[1])).index_add_(0, batch.seg, xw)
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        acc = x.new_zeros((batch.num_compositions, x.shape[1]), dtype=acc_dtype)
+        return acc.index_add_(0, batch.seg, xw.to(acc_dtype)).to(x.dtype)
 
     def set_target_stats(self, task: str, mean: float, scale: float) -> None:
         i = self.tasks.index(task)
@@ -250,18 +253,28 @@ class GraphedPredictor:
         return static, graph, outputs
 
 
-def laplace_nll(mu: torch.Tensor, log_b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return x.mean() if weight is None else (x * weight).sum()
+
+
+def laplace_nll(
+    mu: torch.Tensor, log_b: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Negative log-likelihood of a Laplace(mu, b): |y - mu| / b + log b (CrabNet's robust
-    L1 loss up to constants). Its minimiser in mu is the median, so it trains for MAE."""
-    return (torch.abs(y - mu) * torch.exp(-log_b) + log_b).mean()
+    L1 loss up to constants). Its minimiser in mu is the median, so it trains for MAE.
+    ``weight`` (N,): a weighted sum instead of the mean (1/n on real rows, 0 on padding)."""
+    return _mean(torch.abs(y - mu) * torch.exp(-log_b) + log_b, weight)
 
 
-def regression_loss(mu: torch.Tensor, log_b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def regression_loss(
+    mu: torch.Tensor, log_b: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Training loss: L1 on the mean plus the Laplace NLL of the scale head with the mean
     detached. Through the full NLL the mean's gradient is scaled by 1/b, which explodes on
     the 53% of expt_gap rows whose target is exactly 0 (metals: b -> 0) and made training
-    spike; decoupled, the mean trains for MAE and the scale head still learns |y - mu|."""
-    return torch.abs(y - mu).mean() + laplace_nll(mu.detach(), log_b, y)
+    spike; decoupled, the mean trains for MAE and the scale head still learns |y - mu|.
+    ``weight`` as in :func:`laplace_nll`."""
+    return _mean(torch.abs(y - mu), weight) + laplace_nll(mu.detach(), log_b, y, weight)
 
 
 def model_from_config(config: dict) -> CompositionTransformer:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .data import MaterialsDataset
-from .featurize import PackedCompositions, pack_formulas
+from .featurize import PackedBatch, PackedCompositions, pack_formulas
 from .model import CompositionTransformer, model_from_config, regression_loss
 
 TASK_OF_DATASET = {"expt_gap": "band_gap", "mp_gap": "band_gap", "superconductors": "tc"}
@@ -41,6 +41,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available
     max_minutes: float | None = None  # wall-clock budget: stop after the epoch that crosses it
     progress: bool = True
+    cuda_graphs: bool = True  # on CUDA: replay each padded batch shape's whole step (TrainStep)
+    graph_token_multiple: int = 64  # padded token counts are multiples of this (fewer shapes)
     model: dict = field(
         default_factory=lambda: {"dim": 128, "heads": 4, "layers": 3, "experts": 8, "top_k": 2}
     )
@@ -80,13 +82,13 @@ class _Precision:
             self.work = model
         else:
             self.work = copy.deepcopy(model).to(dtype)
-            self.work.target_stats = model.target_stats.clone()
+            if hasattr(model, "target_stats"):  # stays float32 (physical units)
+                self.work.target_stats = model.target_stats.clone()
 
     def to_work(self) -> None:
         if self.work is not self.master:
             with torch.no_grad():
-                for pw, pm in zip(self.work.parameters(), self.master.parameters()):
-                    pw.copy_(pm)
+                torch._foreach_copy_(list(self.work.parameters()), list(self.master.parameters()))
 
     def grads_to_master(self) -> None:
         if self.work is not self.master:
@@ -121,6 +123,169 @@ def sorted_batches(index: np.ndarray, lengths: np.ndarray, batch_size: int, rng:
         yield b[np.argsort(lengths[b], kind="stable")]
 
 
+class TrainStep:
+    """One optimisation step of :func:`fit`: copy the master weights to the working copy,
+    forward, loss, backward, gradients to the master, clip, AdamW. Returns the (detached)
+    regression loss on the device; nothing here waits for the GPU.
+
+    With ``cuda_graphs`` (CUDA only) the whole step is captured as one CUDA graph per batch
+    shape and replayed: a small model's eager step is bound by the CPU (hundreds of kernel
+    launches for ~1 ms of GPU work). Batches vary in token count, so each is padded to a
+    fixed shape: ``slots`` compositions (``batch_size`` plus a few spare ones) and a token
+    count that is a multiple of ``token_multiple``, by appending dummy compositions (element
+    0, 1..``max_len`` tokens each) that carry zero loss weight. The regression loss and its
+    gradients are exactly those of the unpadded batch (attention never crosses compositions,
+    LayerNorm and routing are per token); the MoE load-balancing statistics do count the
+    dummy tokens (under ``token_multiple`` + spare-slot tokens of a full batch, a few %).
+    Between the shapes that fit a batch, one already captured is preferred, so an epoch
+    needs a handful of graphs. A shape runs eagerly (padded, on a side stream) the first two
+    times it is seen (autotuning, lazy initialisation), is captured the third time and
+    replayed from then on; at most ``max_graphs`` are kept, others run eagerly.
+
+    The optimiser must be built for capture: ``capturable=True`` and a learning rate that
+    is a tensor on the device (an LR scheduler then updates it in place)."""
+
+    def __init__(
+        self,
+        prec: _Precision,
+        optimizer: torch.optim.Optimizer,
+        task: str,
+        *,
+        aux_weight: float = 1.0,
+        grad_clip: float = 0.0,
+        cuda_graphs: bool = False,
+        batch_size: int = 256,
+        max_len: int = 1,
+        token_multiple: int = 64,
+        max_graphs: int = 16,
+    ) -> None:
+        self.prec, self.optimizer, self.task = prec, optimizer, task
+        self.aux_weight, self.grad_clip = aux_weight, grad_clip
+        self.device = next(prec.master.parameters()).device
+        self.graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        if self.graphs:
+            group = optimizer.param_groups[0]
+            if not group.get("capturable", False) or not isinstance(group["lr"], torch.Tensor):
+                raise ValueError("cuda_graphs needs an optimizer with capturable=True and a tensor lr")
+        self.max_len = max(1, int(max_len))
+        self.multiple = max(1, int(token_multiple)) if self.max_len > 1 else 1
+        # Spare dummy slots: with d >= 1 dummies of 1..max_len tokens every padding amount
+        # in [d, d * max_len] is reachable, so a whole multiple always fits.
+        spare = math.ceil((self.multiple - 1) / (self.max_len - 1)) if self.max_len > 1 else 0
+        self.slots = int(batch_size) + max(1, spare)
+        self.max_graphs = max_graphs
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._seen: dict[tuple[int, int], int] = {}
+        self._static: dict[tuple[int, int], tuple] = {}
+        self._side = torch.cuda.Stream(self.device) if self.graphs else None
+
+    # -- the step itself (eager, warm-up and capture run this same code) -----------------
+    def _body(self, batch: PackedBatch, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        prec = self.prec
+        prec.to_work()
+        mu, log_b = prec.work(batch)[self.task]
+        loss = regression_loss(mu, log_b, y, weight)
+        total = loss + self.aux_weight * prec.work.aux_loss.to(loss.device)
+        total.backward()
+        prec.grads_to_master()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(prec.master.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, packed: PackedCompositions, y: torch.Tensor) -> torch.Tensor:
+        """One step on compositions ``packed`` with normalised targets ``y`` (N,)."""
+        if not self.graphs:
+            loss = self._body(packed.to_torch(self.device), y.to(self.device), None)
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss
+        lengths = packed.lengths
+        if len(packed) > self.slots - 1 or (len(lengths) and int(lengths.max()) > self.max_len):
+            raise ValueError(
+                f"batch of {len(packed)} compositions (longest {int(lengths.max())}) does not fit "
+                f"TrainStep(batch_size={self.slots - 1}, max_len={self.max_len})"
+            )
+        key = self._shape(len(packed), int(packed.offsets[-1]))
+        batch, ys, weight = self._fill(key, packed, y)
+        entry = self._graphs.get(key)
+        if entry is not None:
+            entry[0].replay()
+            return entry[1]
+        self._seen[key] = self._seen.get(key, 0) + 1
+        stream = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(stream)
+        if self._seen[key] <= 2 or len(self._graphs) >= self.max_graphs:
+            with torch.cuda.stream(self._side):
+                loss = self._body(batch, ys, weight)
+                self.optimizer.zero_grad(set_to_none=True)
+            stream.wait_stream(self._side)
+            return loss
+        # Capture records without running: replay once to take this step.
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self._side):
+            loss = self._body(batch, ys, weight)
+        stream.wait_stream(self._side)
+        self._graphs[key] = (graph, loss)
+        graph.replay()
+        return loss
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    # -- padding to a bucket shape ---------------------------------------------------------
+    def _shape(self, n: int, tokens: int) -> tuple[int, int]:
+        """(slots, padded tokens): the padding is ``slots - n`` dummies of 1..max_len tokens."""
+        dummies = self.slots - n
+        lo, hi = tokens + dummies, tokens + dummies * self.max_len
+        options = range(-(-lo // self.multiple) * self.multiple, hi + 1, self.multiple)
+        for table in (self._graphs, self._seen):
+            for t in options:
+                if (self.slots, t) in table:
+                    return (self.slots, t)
+        return (self.slots, options[0])
+
+    def _fill(self, key: tuple[int, int], packed: PackedCompositions, y: torch.Tensor):
+        slots, tokens = key
+        n, t = len(packed), int(packed.offsets[-1])
+        dummies = slots - n
+        extra = tokens - t - dummies  # tokens beyond one per dummy
+        dl = np.ones(dummies, dtype=np.int64)
+        if extra:
+            full, rem = divmod(extra, self.max_len - 1)
+            dl[:full] += self.max_len - 1
+            if rem:
+                dl[full] += rem
+        lengths = np.concatenate([packed.lengths, dl])
+        offsets = np.zeros(slots + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        host = {
+            "z": torch.from_numpy(np.concatenate([packed.z, np.zeros(tokens - t, dtype=packed.z.dtype)])),
+            "frac": torch.from_numpy(
+                np.concatenate([packed.frac, np.repeat((1.0 / dl).astype(np.float32), dl)])
+            ),
+            "cu_seqlens": torch.from_numpy(offsets.astype(np.int32)),
+            "seg": torch.from_numpy(np.repeat(np.arange(slots), lengths)),
+        }
+        weight = torch.zeros(slots, dtype=torch.float32)
+        weight[:n] = 1.0 / max(n, 1)
+        ys = torch.zeros(slots, dtype=torch.float32)
+        ys[:n] = y.detach().float().cpu()
+        static = self._static.get(key)
+        if static is None:
+            # Fixed max_seqlen and no runs: the shape key alone decides the kernels.
+            batch = PackedBatch(**{k: v.to(self.device) for k, v in host.items()}, max_seqlen=self.max_len)
+            static = self._static[key] = (batch, ys.to(self.device), weight.to(self.device))
+        else:
+            batch = static[0]
+            for name, v in host.items():
+                getattr(batch, name).copy_(v, non_blocking=False)
+            static[1].copy_(ys)
+            static[2].copy_(weight)
+        return static
+
+
 @torch.no_grad()
 def predict(
     model: CompositionTransformer,
@@ -142,12 +307,25 @@ def predict(
     return mean, std
 
 
+def _floats(obj):
+    """0-dim tensors (a capturable optimiser's learning rates) as floats, recursively."""
+    if isinstance(obj, torch.Tensor) and obj.dim() == 0 and obj.is_floating_point():
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_floats(v) for v in obj]
+    return obj
+
+
 def _state(model, optimizer, scheduler, epoch, best, history, rng, config) -> dict:
+    opt_state = optimizer.state_dict()
+    opt_state["param_groups"] = _floats(opt_state["param_groups"])
     return {
         "model_config": model.config,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": opt_state,
+        "scheduler": _floats(scheduler.state_dict()),
         "epoch": epoch,
         "best": best,
         "history": history,
@@ -207,7 +385,10 @@ def fit(
 
     model = CompositionTransformer((task,), **cfg.model).to(device)
     model.set_target_stats(task, y_mean, y_scale)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    graphs = cfg.cuda_graphs and device.type == "cuda"
+    # A captured step reads the learning rate from a device tensor that the scheduler updates.
+    lr = torch.tensor(cfg.lr, device=device) if graphs else cfg.lr
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, capturable=graphs)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = max(1, int(cfg.warmup_fraction * total))
@@ -218,6 +399,9 @@ def fit(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # Float base rates: the scheduler then fills the tensor lr from a float (a tensor base
+    # rate would be read back with a host sync every step).
+    scheduler.base_lrs = [float(lr) for lr in scheduler.base_lrs]
     history: list[dict] = []
     best = {"mae": float("inf"), "epoch": -1, "state": None}
     start_epoch = 0
@@ -231,9 +415,23 @@ def fit(
         rng.bit_generator.state = state["rng_numpy"]
         torch.set_rng_state(state["rng_torch"])
         start_epoch = state["epoch"] + 1
+        if graphs:  # checkpoints store plain floats (see _state)
+            for group in optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
 
     prec = _Precision(model, compute_dtype(device))
     lengths = packed_train.lengths
+    step = TrainStep(
+        prec,
+        optimizer,
+        task,
+        aux_weight=cfg.aux_weight,
+        grad_clip=cfg.grad_clip,
+        cuda_graphs=graphs,
+        batch_size=cfg.batch_size,
+        max_len=int(lengths.max()) if len(lengths) else 1,
+        token_multiple=cfg.graph_token_multiple,
+    )
     t0 = time.perf_counter()
     seen = 0
     bar = None
@@ -244,26 +442,16 @@ def fit(
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs):
         prec.work.train()
-        losses = []
+        loss_sum, batches = torch.zeros((), device=device), 0
         for b in sorted_batches(np.arange(len(train)), lengths, cfg.batch_size, rng):
-            prec.to_work()
-            batch = packed_train.select(b).to_torch(device)
-            mu, log_b = prec.work(batch)[task]
-            loss = regression_loss(mu, log_b, y[b].to(device))
-            total_loss = loss + cfg.aux_weight * prec.work.aux_loss.to(loss.device)
-            total_loss.backward()
-            prec.grads_to_master()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum += step(packed_train.select(b), y[b])  # read before the next step
             scheduler.step()
-            losses.append(loss.item())
+            batches += 1
             seen += len(b)
         prec.to_work()
         val_pred, _ = predict(prec.work, packed_val, task)
         val_mae = float(np.mean(np.abs(np.maximum(val_pred, 0.0) - val.targets)))
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_mae": val_mae})
+        history.append({"epoch": epoch, "train_loss": float(loss_sum) / max(batches, 1), "val_mae": val_mae})
         if val_mae < best["mae"]:
             best = {
                 "mae": val_mae,
@@ -304,6 +492,7 @@ __all__ = [
     "TASK_OF_DATASET",
     "TrainConfig",
     "TrainResult",
+    "TrainStep",
     "fit",
     "for_inference",
     "load_model",
