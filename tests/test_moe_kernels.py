@@ -126,6 +126,73 @@ def test_align_invariants(t, e, k, experts, block_m):
     assert al.num_blocks * block_m >= int(padded.sum())
 
 
+@pytest.mark.parametrize("t,e,k,experts", ALIGN_CASES)
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_align_single_program_matches_chunked(t, e, k, experts, block_m):
+    """Up to launch.SINGLE_CHUNK slots, align runs one program (align_single_kernel): the same
+    layout as the three-kernel path (checked above), padding rows naming slot 0 included."""
+    from flashmoe_science.ops.moe import launch
+
+    ids = _random_ids(t, e, k, experts)
+    chunked = launch.align(ids, e, block_m, chunk=64)
+    single = launch.align(ids, e, block_m)
+    assert t * k <= launch.SINGLE_CHUNK
+    for name in ("sorted_slots", "block_expert", "expert_start", "expert_count"):
+        torch.testing.assert_close(getattr(single, name), getattr(chunked, name), rtol=0, atol=0, msg=name)
+
+
+def test_align_single_program_drops_invalid_ids():
+    """Out-of-range ids (possible only when the API's value check is skipped) are dropped."""
+    from flashmoe_science.ops.moe import launch
+
+    ids = torch.tensor([[0, 9], [3, -1], [3, 0]], dtype=torch.int32)
+    al = launch.align(ids, 4, 16)
+    assert al.expert_count.tolist() == [2, 0, 0, 2]
+    assert al.expert_start.tolist() == [0, 16, 16, 16]
+    assert al.block_expert.tolist()[:3] == [0, 3, -1]
+    assert al.sorted_slots[:2].tolist() == [0, 5] and al.sorted_slots[16:18].tolist() == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "t,e,k,scoring",
+    [(1, 8, 2, "softmax"), (8, 64, 8, "softmax"), (37, 16, 3, "sigmoid"), (64, 32, 8, "softmax")],
+)
+def test_route_align_matches_route_then_align(t, e, k, scoring):
+    """The decode launch (routing and alignment in one program) gives exactly what the routing
+    kernel followed by align gives."""
+    from flashmoe_science.ops.moe import launch
+
+    logits = _distinct_logits(t, e, torch.float32)
+    w, ids, al = launch.route_align(logits, k, e, 16, scoring=scoring, renormalize=True)
+    w_ref, ids_ref = launch.route(
+        logits, k, scoring=scoring, renormalize=True, bias=None, n_group=None, topk_group=None
+    )
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=0)
+    ref_al = launch.align(ids_ref, e, 16, chunk=64)
+    for name in ("sorted_slots", "block_expert", "expert_start", "expert_count"):
+        torch.testing.assert_close(getattr(al, name), getattr(ref_al, name), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("t,e,k", [(1, 8, 2), (9, 16, 4), (70, 8, 2)])
+def test_fused_moe_inference_path(triton_backend, t, e, k):
+    """Without gradients fused_moe calls the launchers directly (launch.moe_forward: route_align
+    for T <= 64, else route + align); by the rule vs the float64 reference, poisoned output."""
+    x = torch.randn(t, H).half()
+    w1, w2 = _weights(e)
+    logits = _distinct_logits(t, e, torch.float32)
+    with torch.no_grad():
+        y = fused_moe(x, w1, w2, logits, top_k=k)
+    tw, ids = ref.route_ref(logits.double(), k)
+    y64 = ref.fused_experts_ref(x.double(), w1.double(), w2.double(), tw, ids)
+    tw32, ids32 = ref.route_ref(logits, k)
+    yp = ref.fused_experts_ref(x, w1, w2, tw32, ids32, compute_dtype=torch.float16)
+    assert_close_rule(y, y64, yp, name="y")
+    # The same call with gradients enabled goes through the custom ops: same values.
+    xg = x.clone().requires_grad_()
+    torch.testing.assert_close(fused_moe(xg, w1, w2, logits, top_k=k).detach(), y, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ experts forward + backward
 EXPERT_CASES = [
     # (T, E, K, experts allowed (None = all), activation)
@@ -274,3 +341,14 @@ def test_small_tile_branch_block_m_64():
     assert_close_rule(y, y64, yp, name="y")
     for name, g, r, p in zip(("dx", "dw_gate_up", "dw_down", "d_topk_weights"), grads, g64, gp):
         assert_close_rule(g, r, p, grad=True, name=name)
+
+
+def test_ksum_combine_matches_torch_sum():
+    """The K-row sum of the forward (ksum_kernel, used above launch.SINGLE_CHUNK slots) equals
+    torch's float32-accumulated sum, rounded once."""
+    from flashmoe_science.ops.moe import launch
+
+    t, k, h = 300, 8, 40  # T*K > SINGLE_CHUNK: the Triton path; H not a power of two
+    rows = torch.randn(t * k, h).half()
+    out = launch._combine(rows, t, k)
+    torch.testing.assert_close(out, rows.view(t, k, h).float().sum(1).half(), rtol=0, atol=0)

@@ -105,22 +105,15 @@ def route(
     return autograd.route(router_logits, top_k, **kwargs, use_kernel=use_kernel)
 
 
-def _check_experts_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation) -> None:
+def _check_weights(x, w_gate_up, w_down) -> None:
     check_tensor("x", x, ndim=2)
     check_tensor("w_gate_up", w_gate_up, ndim=3)
     check_tensor("w_down", w_down, ndim=3)
-    check_tensor("topk_weights", topk_weights, ndim=2)
-    check_tensor("topk_ids", topk_ids, ndim=2)
     for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down)):
         check_float(name, t)
     check_same_dtype(("x", "w_gate_up", "w_down"), (x, w_gate_up, w_down))
-    check_float("topk_weights", topk_weights)
-    check_int_tensor("topk_ids", topk_ids)
-    check_same_device(
-        ("x", "w_gate_up", "w_down", "topk_weights", "topk_ids"),
-        (x, w_gate_up, w_down, topk_weights, topk_ids),
-    )
-    t, h = x.shape
+    check_same_device(("x", "w_gate_up", "w_down"), (x, w_gate_up, w_down))
+    h = x.shape[1]
     e, f2, h1 = w_gate_up.shape
     if h1 != h:
         raise ValueError(
@@ -132,6 +125,17 @@ def _check_experts_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation
         raise ValueError(
             f"w_down has shape {tuple(w_down.shape)}; expected (experts, hidden, ffn) = {(e, h, f2 // 2)}"
         )
+
+
+def _check_experts_args(x, w_gate_up, w_down, topk_weights, topk_ids, activation) -> None:
+    _check_weights(x, w_gate_up, w_down)
+    check_tensor("topk_weights", topk_weights, ndim=2)
+    check_tensor("topk_ids", topk_ids, ndim=2)
+    check_float("topk_weights", topk_weights)
+    check_int_tensor("topk_ids", topk_ids)
+    check_same_device(("x", "topk_weights", "topk_ids"), (x, topk_weights, topk_ids))
+    t, h = x.shape
+    e = w_gate_up.shape[0]
     if topk_ids.shape != topk_weights.shape:
         raise ValueError(
             f"topk_ids has shape {tuple(topk_ids.shape)} but topk_weights has "
@@ -182,10 +186,30 @@ def fused_experts(
     return _run_experts(x, w_gate_up, w_down, topk_weights, topk_ids, activation)
 
 
+def _direct(*tensors: torch.Tensor) -> bool:
+    """True when the kernels may run without the custom-op layer: eager (nothing compiling or
+    intercepting dispatch), plain tensors, no gradient wanted. The custom ops exist for
+    torch.compile and autograd; in eager inference their dispatch costs tens of microseconds a
+    call, which is most of a decode step's time (docs/moe.md)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return True
+
+
 def _run_experts(x, w_gate_up, w_down, topk_weights, topk_ids, activation):
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     use_kernel = select_backend(x) == "triton" and _kernel_dtype(x)
+    if use_kernel and _direct(x, w_gate_up, w_down, topk_weights, topk_ids):
+        from . import launch
+
+        return launch.fused_experts_fwd(x, w_gate_up, w_down, topk_weights, topk_ids, activation)[0]
     return autograd.fused_experts(x, w_gate_up, w_down, topk_weights, topk_ids, activation, use_kernel)
 
 
@@ -214,6 +238,22 @@ def fused_moe(
     if router_logits.shape[1] != w_gate_up.shape[0]:
         raise ValueError(
             f"router_logits has {router_logits.shape[1]} experts but w_gate_up has {w_gate_up.shape[0]}"
+        )
+    if (
+        x.shape[0] > 0
+        and _kernel_dtype(x)
+        and router_logits.dtype != torch.float64
+        and select_backend(x) == "triton"
+        and _direct(x, w_gate_up, w_down, router_logits)
+    ):
+        # Inference: routing + experts straight to the launchers (decode: 4 launches).
+        _check_routing_args(router_logits, top_k, scoring, None, None, None)
+        _check_weights(x, w_gate_up, w_down)
+        check_same_device(("x", "router_logits"), (x, router_logits))
+        from . import launch
+
+        return launch.moe_forward(
+            x, w_gate_up, w_down, router_logits, top_k, scoring=scoring, renormalize=bool(renormalize)
         )
     topk_weights, topk_ids = route(router_logits, top_k, scoring=scoring, renormalize=renormalize)
     _check_experts_args(x, w_gate_up, w_down, topk_weights, topk_ids, "silu")

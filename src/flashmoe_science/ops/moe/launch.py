@@ -21,8 +21,19 @@ import triton
 
 from ..._backend import interpreter_enabled
 from .kernels import align as _align
+from .kernels import combine as _combine_k
 from .kernels import grouped_gemm as _gg
 from .kernels import routing as _routing
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n. triton.cdiv / triton.next_power_of_2 are constexpr-function
+    objects in Triton 3.6, costing ~10 us a host call: a decode step made eight of them."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 # ------------------------------------------------------------------ configs
@@ -48,7 +59,22 @@ _GATE_UP = {
         _cfg(128, 64, 8, 3, tma=True),
         _cfg(128, 64, 8, 4, tma=True),
     ],
-    "small": [_cfg(64, 128, 4, 4), _cfg(32, 128, 4, 4), _cfg(128, 128, 4, 3), _cfg(64, 256, 4, 3)],
+    # Decode (BLOCK_M <= 32): weight-bandwidth bound. All tensor-descriptor (TMA) weight loads:
+    # with 16-row tiles the pointer-load versions were not multi-buffered and spilled
+    # (ptxas sm_90a: 64x128 tiles 4.8 KB of spill stores, 32-register cap), the TMA ones
+    # keep 3-7 tiles in flight with 71-128 registers. Narrow N tiles give few touched experts
+    # enough programs (T=1, K=8: 8 experts x F/BLOCK_N). Autotuned per routing size class
+    # (Alignment.tune_bucket), so T=1 and T=64 get their own tiles.
+    "small": [
+        _cfg(32, 128, 4, 6, tma=True),
+        _cfg(16, 128, 4, 6, tma=True),
+        _cfg(64, 128, 4, 4, tma=True),
+        _cfg(16, 64, 4, 8, tma=True),
+        _cfg(32, 64, 4, 8, tma=True),
+        _cfg(64, 64, 4, 8, tma=True),
+        _cfg(128, 64, 4, 6, tma=True),
+        _cfg(64, 128, 8, 4, tma=True),
+    ],
 }
 _ROWS = {
     "large": [
@@ -61,7 +87,17 @@ _ROWS = {
         _cfg(128, 64, 8, 4, tma=True),
         _cfg(256, 64, 8, 3, tma=True),
     ],
-    "small": [_cfg(64, 128, 4, 4), _cfg(128, 128, 4, 4), _cfg(32, 256, 4, 3), _cfg(64, 256, 4, 3)],
+    # Decode: as _GATE_UP["small"] (ptxas: the pointer-load 64x256 tiles spilled 7.6 KB).
+    "small": [
+        _cfg(64, 128, 4, 4, tma=True),
+        _cfg(32, 128, 4, 6, tma=True),
+        _cfg(128, 128, 4, 4, tma=True),
+        _cfg(16, 128, 4, 6, tma=True),
+        _cfg(64, 64, 4, 8, tma=True),
+        _cfg(128, 64, 4, 6, tma=True),
+        _cfg(256, 64, 4, 4, tma=True),
+        _cfg(32, 64, 4, 8, tma=True),
+    ],
 }
 # bwd_act: the GEMM's epilogue holds gate, up and five derived (BLOCK_M, BLOCK_N) float32
 # tiles. ptxas (sm_90a, bf16, BLOCK_M 128, 8 warps): 128-wide N tiles spilled ~1 KB a thread;
@@ -79,7 +115,8 @@ _BWD_ACT = {
         _cfg(128, 64, 8, 4, group_m=16),
         _cfg(128, 128, 8, 3, tma=True),
     ],
-    "small": _ROWS["small"],
+    # The forward's small list before the decode work (bwd_act's own tiles not re-tuned).
+    "small": [_cfg(64, 128, 4, 4), _cfg(128, 128, 4, 4), _cfg(32, 256, 4, 3), _cfg(64, 256, 4, 3)],
 }
 
 
@@ -234,17 +271,23 @@ def _size_class(block_m: int) -> str:
 
 
 # ------------------------------------------------------------------ routing
+# Routing tile: BLOCK_T = ROUTE_ELEMS // BLOCK_E token rows per program, ROUTE_WARPS warps.
+ROUTE_ELEMS = 2048  # H200: C T=8192 route 35.9 us vs 42.7 at 4096; B T=4096 14.0 vs 25.5
+ROUTE_WARPS = 4
+
+
 def route(router_logits, top_k, *, scoring, renormalize, bias, n_group, topk_group):
     """One launch: (topk_weights float32 (T, K), topk_ids int32 (T, K))."""
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     t, e = logits.shape
     weights = torch.empty((t, top_k), device=logits.device, dtype=torch.float32)
     ids = torch.empty((t, top_k), device=logits.device, dtype=torch.int32)
-    block_e = triton.next_power_of_2(e)
-    block_t = max(1, min(64, 4096 // block_e))
+    block_e = _pow2(e)
+    # At least ~one program per SM at small T (decode): a program's top-k loop is latency bound.
+    block_t = max(1, min(64, ROUTE_ELEMS // block_e, _pow2(_cdiv(t, 128))))
     grouped = n_group is not None and n_group > 1
     groups = n_group if grouped else 1
-    _routing.route_kernel[(triton.cdiv(t, block_t),)](
+    _routing.route_kernel[(_cdiv(t, block_t),)](
         logits,
         bias if bias is not None else logits,
         weights,
@@ -255,16 +298,16 @@ def route(router_logits, top_k, *, scoring, renormalize, bias, n_group, topk_gro
         TOP_K=top_k,
         BLOCK_T=block_t,
         BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_K=_pow2(top_k),
         SIGMOID=scoring == "sigmoid",
         HAS_BIAS=bias is not None,
         RENORMALIZE=bool(renormalize),
         N_GROUP=groups,
         TOPK_GROUP=topk_group if grouped else 1,
         GROUP_SIZE=e // groups,
-        BLOCK_G=triton.next_power_of_2(groups),
+        BLOCK_G=_pow2(groups),
         PRECISE=not interpreter_enabled(),
-        num_warps=4,
+        num_warps=ROUTE_WARPS,
     )
     return weights, ids
 
@@ -282,6 +325,37 @@ class Alignment:
         self.block_m = block_m
         self.num_blocks = num_blocks
         self.num_rows = num_blocks * block_m
+        # Autotuning key of the decode (small) tiles: at most how many experts hold rows,
+        # rounded to a power of two (T=1, K=8: 8 experts want narrower N tiles than T=64).
+        self.tune_bucket = 0  # set by the makers for block_m <= 32
+
+
+# One program aligns (and, for route_align, routes) at most this many slots.
+SINGLE_CHUNK = 2048
+
+
+def _align_buffers(numel: int, num_experts: int, block_m: int, dev):
+    # Worst case: every non-empty expert (at most min(E, T*K)) leaves one partial block.
+    num_blocks = _cdiv(numel, block_m) + min(num_experts, numel)
+    ints = torch.empty(num_blocks * (block_m + 1) + 2 * num_experts, device=dev, dtype=torch.int32)
+    rows = num_blocks * block_m
+    sorted_slots, block_expert = ints[:rows], ints[rows : rows + num_blocks]
+    expert_start = ints[rows + num_blocks : rows + num_blocks + num_experts]
+    expert_count = ints[rows + num_blocks + num_experts :]
+    al = Alignment(sorted_slots, block_expert, expert_start, expert_count, block_m, num_blocks)
+    if block_m <= 32:
+        al.tune_bucket = max(16, _pow2(min(num_experts, numel)))
+    return al
+
+
+def _single_meta(numel: int, num_experts: int, num_blocks: int) -> dict:
+    block_e = _pow2(num_experts + 1)  # + the spare bin for invalid ids
+    return dict(
+        CHUNK=max(16, _pow2(numel)),
+        BLOCK_E=block_e,
+        BLOCK_B=max(16, min(256, 8192 // block_e, _pow2(num_blocks))),
+        BLOCK_R=1024,
+    )
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int | None = None) -> Alignment:
@@ -290,11 +364,20 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int 
         ids = ids.to(torch.int32)
     numel = ids.numel()
     dev = ids.device
+    if chunk is None and numel <= SINGLE_CHUNK:
+        # One program, one launch (decode and small batches): the same layout as below.
+        al = _align_buffers(numel, num_experts, block_m, dev)
+        meta = _single_meta(numel, num_experts, al.num_blocks)
+        _align.align_single_kernel[(1,)](
+            ids, al.sorted_slots, al.expert_start, al.expert_count, al.block_expert, numel, num_experts,
+            al.num_blocks, BLOCK_M=block_m, num_warps=4, **meta,
+        )  # fmt: skip
+        return al
     # Worst case: every non-empty expert (at most min(E, T*K)) leaves one partial block.
-    num_blocks = triton.cdiv(numel, block_m) + min(num_experts, numel)
-    chunk = chunk or min(2048, max(16, triton.next_power_of_2(numel)))
-    num_chunks = triton.cdiv(numel, chunk)
-    block_e = triton.next_power_of_2(num_experts + 1)  # + the spare bin for invalid ids
+    num_blocks = _cdiv(numel, block_m) + min(num_experts, numel)
+    chunk = chunk or min(2048, max(16, _pow2(numel)))
+    num_chunks = _cdiv(numel, chunk)
+    block_e = _pow2(num_experts + 1)  # + the spare bin for invalid ids
     counts = torch.empty((num_chunks, block_e), device=dev, dtype=torch.int32)
     base = torch.empty((num_chunks, block_e), device=dev, dtype=torch.int32)
     expert_start = torch.empty(num_experts, device=dev, dtype=torch.int32)
@@ -307,7 +390,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int 
     _align.align_count_kernel[(num_chunks,)](
         ids, counts, numel, num_experts, CHUNK=chunk, BLOCK_E=block_e, num_warps=warps
     )
-    block_c = max(1, min(triton.next_power_of_2(num_chunks), max(1, 8192 // block_e)))
+    block_c = max(1, min(_pow2(num_chunks), max(1, 8192 // block_e)))
     block_b = max(16, min(256, 8192 // block_e))
     _align.align_scan_kernel[(1,)](
         counts,
@@ -327,12 +410,48 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int 
     _align.align_scatter_kernel[(num_chunks,)](
         ids, base, sorted_slots, numel, num_experts, CHUNK=chunk, BLOCK_E=block_e, num_warps=warps
     )
-    return Alignment(sorted_slots, block_expert, expert_start, expert_count, block_m, num_blocks)
+    al = Alignment(sorted_slots, block_expert, expert_start, expert_count, block_m, num_blocks)
+    if block_m <= 32:
+        al.tune_bucket = max(16, _pow2(min(num_experts, numel)))
+    return al
+
+
+# route_align routes every token in its one program, BLOCK_T rows a step (~12 us a step of 8
+# rows at E=256 on the H200): worth it while T is small. Above, route (one row a program at
+# decode sizes) + the single-program align: two launches.
+ROUTE_ALIGN_MAX_TOKENS = 16
+
+
+def route_align(router_logits, top_k, num_experts, block_m, *, scoring, renormalize):
+    """Routing (no bias, no groups) and alignment in one launch for T <= ROUTE_ALIGN_MAX_TOKENS
+    and T*K <= SINGLE_CHUNK: (topk_weights, topk_ids, Alignment)."""
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    t, e = logits.shape
+    numel = t * top_k
+    al = _align_buffers(numel, num_experts, block_m, logits.device)
+    weights = torch.empty((t, top_k), device=logits.device, dtype=torch.float32)
+    ids = torch.empty((t, top_k), device=logits.device, dtype=torch.int32)
+    block_e = _pow2(e)
+    meta = _single_meta(numel, num_experts, al.num_blocks)
+    _routing.route_align_kernel[(1,)](
+        logits, logits, weights, ids, al.sorted_slots, al.expert_start, al.expert_count, al.block_expert,
+        t, e, logits.stride(0), al.num_blocks,
+        TOP_K=top_k, BLOCK_T=max(1, min(16, 2048 // block_e, _pow2(t))), BLOCK_E=block_e,
+        BLOCK_K=_pow2(top_k), SIGMOID=scoring == "sigmoid", HAS_BIAS=False,
+        RENORMALIZE=bool(renormalize), N_GROUP=1, TOPK_GROUP=1, GROUP_SIZE=e, BLOCK_G=1,
+        PRECISE=not interpreter_enabled(), BLOCK_M=block_m, CHUNK=meta["CHUNK"], BLOCK_EA=meta["BLOCK_E"],
+        BLOCK_B=meta["BLOCK_B"], BLOCK_R=meta["BLOCK_R"], num_warps=4,
+    )  # fmt: skip
+    return weights, ids, al
 
 
 # ------------------------------------------------------------------ grouped GEMMs
+# Autotuning key of the forward GEMMs: tune_bucket is 0 for the large tiles (prefill).
+_KEY = ["N", "K_DIM", "BLOCK_M", "tune_bucket"]
+
+
 def _grid_rows(al: Alignment, n: int):
-    return lambda meta: (al.num_blocks * triton.cdiv(n, meta["BLOCK_N"]),)
+    return lambda meta: (al.num_blocks * _cdiv(n, meta["BLOCK_N"]),)
 
 
 def gate_up(x, w_gate_up, al: Alignment, top_k: int, activation: str, *, store_act=True, h=None):
@@ -342,9 +461,7 @@ def gate_up(x, w_gate_up, al: Alignment, top_k: int, activation: str, *, store_a
     h_dim = x.shape[1]
     cls = _size_class(al.block_m)
     out = torch.empty((al.num_rows, f), device=x.device, dtype=x.dtype) if store_act else None
-    kern = _tuned(
-        f"gate_up_{cls}", _gg.gate_up_kernel, _GATE_UP[cls], ["N", "K_DIM", "BLOCK_M"], {"EVEN_K": _even_k}
-    )
+    kern = _tuned(f"gate_up_{cls}", _gg.gate_up_kernel, _GATE_UP[cls], _KEY, {"EVEN_K": _even_k})
     kern[_grid_rows(al, f)](
         x,
         w_gate_up,
@@ -364,6 +481,7 @@ def gate_up(x, w_gate_up, al: Alignment, top_k: int, activation: str, *, store_a
         out.stride(0) if out is not None else 0,
         h.stride(0) if h is not None else 0,
         w_gate_up.shape[0],
+        al.tune_bucket,
         BLOCK_M=al.block_m,
         GELU=activation == "gelu",
         STORE_ACT=store_act,
@@ -377,9 +495,7 @@ def gate_up(x, w_gate_up, al: Alignment, top_k: int, activation: str, *, store_a
 def rows_gemm(a, w, w_n_stride, w_k_stride, n, al: Alignment, out, topk_weights=None):
     """out[slot(r), :n] = a[r] @ W_e^T (* topk_weight[slot]); see rows_gemm_kernel."""
     cls = _size_class(al.block_m)
-    kern = _tuned(
-        f"rows_{cls}", _gg.rows_gemm_kernel, _ROWS[cls], ["N", "K_DIM", "BLOCK_M"], {"EVEN_K": _even_k}
-    )
+    kern = _tuned(f"rows_{cls}", _gg.rows_gemm_kernel, _ROWS[cls], _KEY, {"EVEN_K": _even_k})
     kern[_grid_rows(al, n)](
         a,
         w,
@@ -398,6 +514,7 @@ def rows_gemm(a, w, w_n_stride, w_k_stride, n, al: Alignment, out, topk_weights=
         w_k_stride,
         out.stride(0),
         w.shape[0],
+        al.tune_bucket,
         BLOCK_M=al.block_m,
         HAS_WEIGHT=topk_weights is not None,
         TMA_OK=_tma_ok(w),
@@ -407,11 +524,25 @@ def rows_gemm(a, w, w_n_stride, w_k_stride, n, al: Alignment, out, topk_weights=
     return out
 
 
+# "triton": ksum_kernel; "torch": rows.view(T, K, H).sum(1) (same math, float32 accumulation).
+COMBINE = "triton"  # H200: C T=8192 79.6 us vs 105.9; B T=4096 45.5 vs 58.2 (same values)
+
+
 def _combine(rows: torch.Tensor, t: int, k: int) -> torch.Tensor:
     """Sum the K per-slot rows of each token (float32 accumulation, one rounding)."""
     if k == 1:
         return rows
-    return rows.view(t, k, -1).sum(dim=1)
+    if COMBINE == "torch" or t * k <= SINGLE_CHUNK:
+        # Decode sizes: the GPU time is negligible, torch's launch is cheaper on the host.
+        return rows.view(t, k, -1).sum(dim=1)
+    h = rows.shape[1]
+    out = torch.empty((t, h), device=rows.device, dtype=rows.dtype)
+    block_h = min(1024, _pow2(h))
+    block_t = max(1, min(8, 4096 // block_h))
+    _combine_k.ksum_kernel[(_cdiv(t, block_t), _cdiv(h, block_h))](
+        rows, out, t, h, TOP_K=k, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4
+    )
+    return out
 
 
 def fused_experts_fwd(
@@ -419,12 +550,35 @@ def fused_experts_fwd(
 ):
     """y (T, H) = sum_k w[t,k] * down_e(act(gate_e x_t) * up_e x_t), and with ``save_h`` the
     gate/up pre-activations h (T*K, 2F) in slot order for the backward (else None)."""
+    e = w_gate_up.shape[0]
+    k = topk_ids.shape[1]
+    al = align(topk_ids, e, block_m or block_m_for(topk_ids.shape[0] * k, e))
+    return _experts_fwd_aligned(x, w_gate_up, w_down, topk_weights, al, k, activation, save_h)
+
+
+def moe_forward(x, w_gate_up, w_down, router_logits, top_k, *, scoring, renormalize, activation="silu"):
+    """Inference ``fused_moe``: routing + experts with no custom-op or autograd layer between
+    (the API calls this when no gradient is wanted and nothing traces). Decode sizes route and
+    align in one launch: 4 launches in all (route_align, gate_up, down, K-row sum)."""
+    t = x.shape[0]
+    e = w_gate_up.shape[0]
+    block_m = block_m_for(t * top_k, e)
+    if t <= ROUTE_ALIGN_MAX_TOKENS and t * top_k <= SINGLE_CHUNK:
+        tw, _, al = route_align(router_logits, top_k, e, block_m, scoring=scoring, renormalize=renormalize)
+    else:
+        tw, ids = route(
+            router_logits, top_k, scoring=scoring, renormalize=renormalize, bias=None, n_group=None,
+            topk_group=None,
+        )  # fmt: skip
+        al = align(ids, e, block_m)
+    return _experts_fwd_aligned(x, w_gate_up, w_down, tw, al, top_k, activation, False)[0]
+
+
+def _experts_fwd_aligned(x, w_gate_up, w_down, topk_weights, al: Alignment, k, activation, save_h):
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     topk_weights = topk_weights.contiguous()
     t, h = x.shape
-    e, f2, _ = w_gate_up.shape
-    k = topk_ids.shape[1]
-    al = align(topk_ids, e, block_m or block_m_for(t * k, e))
+    f2 = w_gate_up.shape[1]
     hbuf = torch.empty((t * k, f2), device=x.device, dtype=x.dtype) if save_h else None
     inter = gate_up(x, w_gate_up, al, k, activation, h=hbuf)
     # Per-slot rows in x's dtype, then a K-row sum per token: cheaper than a float32 scatter
@@ -471,7 +625,7 @@ def fused_experts_bwd(
     dh = torch.empty((al.num_rows, f2), device=x.device, dtype=x.dtype)
     aw = torch.empty((al.num_rows, f), device=x.device, dtype=x.dtype)
     # Partial d(topk_weight) per N tile: sized for the smallest BLOCK_N any config may use.
-    max_tiles = triton.cdiv(f, min(c.kwargs["BLOCK_N"] for c in _BWD_ACT[cls] + [_INTERP]))
+    max_tiles = _cdiv(f, min(c.kwargs["BLOCK_N"] for c in _BWD_ACT[cls] + [_INTERP]))
     dtw_part = torch.zeros((t * k, max_tiles), device=x.device, dtype=torch.float32)
     kern[_grid_rows(al, f)](
         dy,
@@ -506,13 +660,13 @@ def fused_experts_bwd(
     d_tw = dtw_part.sum(dim=1).view(t, k).to(topk_weights.dtype)
 
     def _wgrad_grid(m, n):
-        return lambda meta: (e * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return lambda meta: (e * _cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
 
     variants = {"gather": lambda: _wgrad_gather(dy, x, dh, aw, al, k, _wgrad_grid, w_gate_up, w_down)}
     if _small_m(al.block_m) >= 32 and all(_tma_ok(v) for v in (x, dh, aw)):
         variants["rows"] = lambda: _wgrad_rows(dy, x, dh, aw, al, k, _wgrad_grid)
     if wgrad is None:
-        wgrad = _auto_wgrad((e, hd, f, al.block_m, x.dtype, triton.next_power_of_2(t * k)), variants)
+        wgrad = _auto_wgrad((e, hd, f, al.block_m, x.dtype, _pow2(t * k)), variants)
     dw_gate_up, dw_down = variants.get(wgrad, variants["gather"])()
     # dx[t] = sum_k dh[row(t,k)] @ Wgu_e
     rows = torch.empty((t * k, hd), device=x.device, dtype=x.dtype)

@@ -99,3 +99,75 @@ def align_scatter_kernel(
     ok = expert < E
     dest = tl.load(base_ptr + c * BLOCK_E + expert, mask=ok, other=0) + local
     tl.store(sorted_slots_ptr + dest, slot, mask=ok)
+
+
+@triton.jit
+def _align_single(
+    ids_ptr,
+    sorted_slots_ptr,
+    expert_start_ptr,
+    expert_count_ptr,
+    block_expert_ptr,
+    numel,
+    E,
+    num_blocks,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """All three steps for numel <= CHUNK slots in one program, with the same outputs as the
+    three kernels run on one chunk (same row order: within an expert, slots in order). Padding
+    rows of the whole buffer are zeroed first (they name slot 0, like the launcher's zeroed
+    buffer); a barrier orders those stores before the scatter's."""
+    local = tl.arange(0, CHUNK)
+    ids = _load_ids(ids_ptr, 0, numel, E, CHUNK)
+    hist = tl.histogram(ids, BLOCK_E)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    total = tl.where(e_ok, hist, 0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pend = tl.cumsum(padded, 0)
+    pstart = pend - padded
+    tl.store(expert_start_ptr + e, pstart, mask=e_ok)
+    tl.store(expert_count_ptr + e, total, mask=e_ok)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        ended = e_ok[None, :] & (pend[None, :] <= (bs * BLOCK_M)[:, None])
+        owner = tl.sum(ended.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + bs, tl.where(owner < E, owner, -1), mask=bs < num_blocks)
+    num_rows = num_blocks * BLOCK_M
+    for r0 in range(0, num_rows, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        tl.store(sorted_slots_ptr + rs, tl.zeros((BLOCK_R,), tl.int32), mask=rs < num_rows)
+    tl.debug_barrier()
+    # The slot at sorted position p (expert x) goes to row start[x] + p - (slots of experts < x).
+    key = tl.sort(ids * CHUNK + local)
+    expert = key // CHUNK
+    ok = expert < E
+    base = pstart - (tl.cumsum(hist, 0) - hist)
+    dest = tl.gather(base, tl.where(ok, expert, 0), axis=0) + local
+    tl.store(sorted_slots_ptr + dest, key % CHUNK, mask=ok)
+
+
+@triton.jit
+def align_single_kernel(
+    ids_ptr,
+    sorted_slots_ptr,
+    expert_start_ptr,
+    expert_count_ptr,
+    block_expert_ptr,
+    numel,
+    E,
+    num_blocks,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    _align_single(
+        ids_ptr, sorted_slots_ptr, expert_start_ptr, expert_count_ptr, block_expert_ptr, numel, E,
+        num_blocks, BLOCK_M, CHUNK, BLOCK_E, BLOCK_B, BLOCK_R,
+    )  # fmt: skip

@@ -78,6 +78,7 @@ def gate_up_kernel(
     stride_om,
     stride_hm,
     num_experts,
+    tune_bucket,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -90,7 +91,9 @@ def gate_up_kernel(
     TMA_OK: tl.constexpr,
     SMALL_M: tl.constexpr,
 ):
-    """x (T, H) gathered by token, w (E, 2N, H): rows [0, N) gate, [N, 2N) up. Two accumulators
+    """``tune_bucket``: unused here; an autotuning key (the launcher's size class of the
+    routing, so decode batches of very different sizes get their own tiles).
+    x (T, H) gathered by token, w (E, 2N, H): rows [0, N) gate, [N, 2N) up. Two accumulators
     share every x tile; the epilogue writes act(gate) * up (STORE_ACT) and/or gate, up (STORE_H).
     USE_TMA (with TMA_OK: w contiguous, 16-byte rows; and EVEN_K): weight tiles through a tensor
     descriptor over w as (E*2N, K_DIM); gate rows past N read up rows and up rows past 2N the
@@ -232,6 +235,7 @@ def rows_gemm_kernel(
     stride_wk,
     stride_om,
     num_experts,
+    tune_bucket,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -243,7 +247,8 @@ def rows_gemm_kernel(
     W_K_CONTIG: tl.constexpr,
     SMALL_M: tl.constexpr,
 ):
-    """out[slot(r)] = (a[r] @ W_e^T) (* topk_weight[slot]) for the valid rows r of each block.
+    """``tune_bucket``: an autotuning key only (see gate_up_kernel).
+    out[slot(r)] = (a[r] @ W_e^T) (* topk_weight[slot]) for the valid rows r of each block.
     a (R, K_DIM) is contiguous in row order; W_e element (n, k) at w + e*stride_we + n*stride_wn
     + k*stride_wk (so both Wd (E, H, F) and Wgu (E, 2F, H) fit without a transpose copy).
     USE_TMA (with TMA_OK: w contiguous, 16-byte rows; and EVEN_K): weight tiles through a tensor

@@ -2,7 +2,8 @@
 
 Shape letters: T tokens, E experts, K top-k. One program owns BLOCK_T token rows and all E
 expert columns (E <= BLOCK_E, a power of two), so every reduction stays in registers.
-The math is float64 (T*E exps, negligible next to the expert GEMMs): the float32 weights
+``route_align_kernel`` (decode sizes) routes every token in one program, then aligns the ids
+in the same launch (``align._align_single``). The math is float64 (T*E exps, negligible next to the expert GEMMs): the float32 weights
 are then the correctly rounded values, never an ulp or two away from torch's float32 route.
 The selection compares the scores rounded to float32 (what torch's float32 route compares)
 through packed integer keys: one max reduction per pick instead of a max, an argmin and a
@@ -12,6 +13,8 @@ sum in float64.
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from .align import _align_single
 
 _TAKEN = tl.constexpr(-(2**63))  # key of an expert already picked: below every real key
 
@@ -48,8 +51,38 @@ def route_kernel(
     BLOCK_G: tl.constexpr,
     PRECISE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    _route_rows(
+        logits_ptr, bias_ptr, weights_ptr, ids_ptr, tl.program_id(0) * BLOCK_T, T, E, stride_lt, TOP_K,
+        BLOCK_T, BLOCK_E, BLOCK_K, SIGMOID, HAS_BIAS, RENORMALIZE, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G,
+        PRECISE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _route_rows(
+    logits_ptr,
+    bias_ptr,
+    weights_ptr,
+    ids_ptr,
+    t0,
+    T,
+    E,
+    stride_lt,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
+    """Route token rows [t0, t0 + BLOCK_T): store their K weights and ids."""
+    rows = t0 + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
@@ -117,3 +150,50 @@ def route_kernel(
     mask = row_ok[:, None] & k_ok
     tl.store(weights_ptr + offs, out_w.to(tl.float32), mask=mask)
     tl.store(ids_ptr + offs, out_i, mask=mask)
+
+
+@triton.jit
+def route_align_kernel(
+    logits_ptr,
+    bias_ptr,
+    weights_ptr,
+    ids_ptr,
+    sorted_slots_ptr,
+    expert_start_ptr,
+    expert_count_ptr,
+    block_expert_ptr,
+    T,
+    E,
+    stride_lt,
+    num_blocks,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PRECISE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_EA: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Decode sizes (T*K <= CHUNK), one program: route all T tokens (BLOCK_T rows a step),
+    then, after a barrier (the ids are re-read from global memory by other threads), align
+    them exactly as ``align._align_single`` does. One launch instead of two (or four)."""
+    for t0 in range(0, T, BLOCK_T):
+        _route_rows(
+            logits_ptr, bias_ptr, weights_ptr, ids_ptr, t0, T, E, stride_lt, TOP_K, BLOCK_T, BLOCK_E,
+            BLOCK_K, SIGMOID, HAS_BIAS, RENORMALIZE, N_GROUP, TOPK_GROUP, GROUP_SIZE, BLOCK_G, PRECISE,
+        )  # fmt: skip
+    tl.debug_barrier()
+    _align_single(
+        ids_ptr, sorted_slots_ptr, expert_start_ptr, expert_count_ptr, block_expert_ptr, T * TOP_K, E,
+        num_blocks, BLOCK_M, CHUNK, BLOCK_EA, BLOCK_B, BLOCK_R,
+    )  # fmt: skip
