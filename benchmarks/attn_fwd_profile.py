@@ -76,6 +76,11 @@ def sanitize_gluon() -> None:
         run(1, 4, 1, 400, 450, 64, False),  # 3 consumers, snake (default)
         run(1, 4, 1, 450, 400, 64, True, programs=3),
         run(1, 4, 1, 450, 400, 64, True, (64, 128, 3, True, 3, 1), programs=3),
+        run(1, 4, 2, 300, 333, 96, False),  # D96 as 128: zero-filled columns, clipped stores
+        run(1, 4, 2, 333, 300, 80, True, programs=3),
+        run(1, 4, 2, 300, 333, 256, False),  # D256: output staged in Q's buffer
+        run(1, 4, 2, 333, 300, 256, True, (64, 64, 2, False, 2, 2), programs=3),  # ... persistent
+        run(1, 4, 2, 300, 333, 256, True, (64, 32, 3, False, 2, 0)),  # own output buffer
     ]
     torch.cuda.synchronize()
     print(f"sanitize_gluon script: {len(errs)} launches, max |out - ref| = {max(errs):.3e}")

@@ -37,6 +37,7 @@ DENSE_CASES = [
     pytest.param((1, 4, 1, 90, 40, 64, True), id="mqa-causal-sq>sk-rows-see-no-key"),
     pytest.param((2, 2, 1, 1, 70, 64, True), id="decode-sq1"),
     pytest.param((1, 2, 2, 40, 40, 96, False), id="d96-not-pow2"),
+    pytest.param((1, 2, 1, 33, 40, 80, True), id="d80-not-pow2"),
     pytest.param((1, 3, 3, 130, 17, 32, False), id="sk<block"),
 ]
 

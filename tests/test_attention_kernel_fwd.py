@@ -60,6 +60,7 @@ CASES = [
     pytest.param(2, 2, 2, 1, 1, 32, True, id="S=1"),
     pytest.param(1, 2, 2, 1, 29, 32, True, id="Sq=1-decode"),
     pytest.param(1, 2, 2, 21, 21, 96, True, id="D=96-padded"),
+    pytest.param(1, 2, 1, 19, 26, 80, False, id="D=80-padded"),
 ]
 
 

@@ -19,7 +19,7 @@ from flashmoe_science.ops.attention import launch_bwd, reference
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
-HEAD_DIMS = [32, 64, 96, 128, 256]
+HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 
 
 @pytest.fixture(autouse=True)

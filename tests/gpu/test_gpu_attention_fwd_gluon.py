@@ -47,8 +47,13 @@ def _check(q, k, v, causal, config=None):
     assert_close_rule(lse, r_lse, p_lse.float(), name="lse")
 
 
+# 80 and 96 run as 128 inside the kernel (zero-filled columns, clipped stores); 256 stages its
+# output in Q's shared buffer.
+DENSE_DIMS = [64, 80, 96, 128, 256]
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("d", launch_gluon.HEAD_DIMS, ids=[f"D{d}" for d in launch_gluon.HEAD_DIMS])
+@pytest.mark.parametrize("d", DENSE_DIMS, ids=[f"D{d}" for d in DENSE_DIMS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_dense(dtype, d, causal):
     for b, h, h_kv, s_q, s_k in SHAPES:
@@ -65,6 +70,12 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, stages, ping-pong, consumers, schedule)
     pytest.param(64, (64, 128, 3, True, 2, 0), id="D64-2-consumers"),
     pytest.param(64, (64, 128, 3, True, 3, 1), id="D64-3-consumers-persistent-pingpong"),
     pytest.param(64, (64, 128, 3, False, 3, 2), id="D64-3-consumers-snake"),
+    pytest.param(96, (64, 128, 2, False, 2, 1), id="D96-persistent"),
+    pytest.param(96, (64, 128, 2, False, 2, 2), id="D96-snake"),
+    pytest.param(256, (64, 64, 2, False, 2, 1), id="D256-o-in-q-persistent"),
+    pytest.param(256, (64, 64, 2, False, 2, 0), id="D256-o-in-q-per-tile"),
+    pytest.param(256, (64, 64, 2, True, 2, 2), id="D256-o-in-q-snake-pingpong"),
+    pytest.param(256, (64, 32, 3, False, 2, 0), id="D256-separate-o"),
 ]
 
 
@@ -107,17 +118,45 @@ def test_kv_cache_view_with_nan_tail():
         _check(q, cache_k[:, :, :s_k], cache_v[:, :, :s_k], causal)
 
 
+def test_padded_head_dim_reads_and_writes_only_real_columns():
+    """D96 runs as 128: q/k/v are (.., 96) views of 128-wide buffers whose columns 96..127 hold
+    NaN (they must load as zeros, never as the neighbouring memory), and the output is a view
+    whose columns 96..127 hold a sentinel (stores must be clipped at 96)."""
+    b, h, h_kv, s_q, s_k, d = 2, 4, 2, 333, 555, 96
+
+    def view(hh, s):
+        buf = torch.full((b, hh, s, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+        buf[..., :d] = torch.randn(b, hh, s, d, device="cuda", dtype=torch.bfloat16)
+        return buf[..., :d]
+
+    q, k, v = view(h, s_q), view(h_kv, s_k), view(h_kv, s_k)
+    assert launch_gluon.supported(q, k, v)
+    for causal in (False, True):
+        buf = torch.full((b, h, s_q, 128), 7.0, device="cuda", dtype=torch.bfloat16)
+        out = buf[..., :d].fill_(float("nan"))
+        lse = torch.full((b, h, s_q), float("nan"), device="cuda")
+        launch_gluon.attention_fwd(q, k, v, causal, d**-0.5, out=out, lse=lse)
+        assert torch.all(buf[..., d:] == 7.0), "store past the real head dim"
+        r_out, r_lse = reference.attention_ref(q, k, v, causal, d**-0.5, compute_dtype=torch.float64)
+        p_out, p_lse = reference.attention_ref(q, k, v, causal, d**-0.5, compute_dtype=q.dtype)
+        assert_close_rule(out, r_out, p_out, name="out")
+        assert_close_rule(lse, r_lse, p_lse.float(), name="lse")
+
+
 def test_unsupported_falls_outside():
     """What the Gluon kernel does not cover is reported, not run."""
-    q = torch.randn(1, 2, 64, 96, device="cuda", dtype=torch.bfloat16)
-    assert not launch_gluon.supported(q, q, q)
+    for d in (32, 48, 100, 160, 192):  # below 64, not a multiple of 8, between 128 and 256
+        q = torch.randn(1, 2, 64, d, device="cuda", dtype=torch.bfloat16)
+        assert not launch_gluon.supported(q, q, q), d
     q = torch.randn(1, 2, 64, 128, device="cuda", dtype=torch.float32)
     assert not launch_gluon.supported(q, q, q)
 
 
+@pytest.mark.parametrize("d", [128, 96], ids=["D128", "D96"])
 @pytest.mark.parametrize("gluon", ["1", "0"], ids=["gluon", "FLASHMOE_ATTN_GLUON=0"])
-def test_public_api_dispatch(gluon, monkeypatch):
-    """The dense forward runs the Gluon kernel where it applies, unless switched off."""
+def test_public_api_dispatch(gluon, d, monkeypatch):
+    """The dense forward runs the Gluon kernel where it applies, unless switched off; the
+    default scale is 1/sqrt of the real head dim (96, not the padded 128)."""
     monkeypatch.setenv("FLASHMOE_ATTN_GLUON", gluon)
     monkeypatch.setenv("FLASHMOE_BACKEND", "auto")
     calls = []
@@ -128,13 +167,13 @@ def test_public_api_dispatch(gluon, monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(launch, "_empty", poisoned)
-    q = torch.randn(2, 8, 333, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(2, 2, 555, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(2, 2, 555, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(2, 8, 333, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 555, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 2, 555, d, device="cuda", dtype=torch.bfloat16)
     out, lse = flash_attention_science(q, k, v, causal=True, return_lse=True)
     assert len(calls) == (1 if gluon == "1" else 0)
-    r_out, r_lse = reference.attention_ref(q, k, v, True, 128**-0.5, compute_dtype=torch.float64)
-    p_out, p_lse = reference.attention_ref(q, k, v, True, 128**-0.5, compute_dtype=q.dtype)
+    r_out, r_lse = reference.attention_ref(q, k, v, True, d**-0.5, compute_dtype=torch.float64)
+    p_out, p_lse = reference.attention_ref(q, k, v, True, d**-0.5, compute_dtype=q.dtype)
     assert_close_rule(out, r_out, p_out, name="out")
     assert_close_rule(lse, r_lse, p_lse.float(), name="lse")
 

@@ -58,8 +58,14 @@ _SHORT: dict[tuple[int, bool], tuple[_Cfg, ...]] = {
 _INTERPRETER_CONFIG: _Cfg = (32, 16, 1, 4)
 
 
+def head_dim_supported(d: int) -> bool:
+    """``SUPPORTED_HEAD_DIMS``, and any multiple of 8 between 64 and 128 (80, 96, 112: run as 128
+    with the missing columns zero-filled)."""
+    return d in SUPPORTED_HEAD_DIMS or (64 < d < 128 and d % 8 == 0)
+
+
 def _head_dim_pad(d: int) -> int:
-    return 128 if d == 96 else d
+    return 128 if 64 < d < 128 else d
 
 
 def _seq_bucket(max_seqlen_q: int, max_seqlen_k: int) -> int:
@@ -116,9 +122,10 @@ def _autotune_enabled() -> bool:
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the kernel cannot run these inputs, or None. Called by ``api`` on the kernel path."""
     d = q.shape[-1]
-    if d not in SUPPORTED_HEAD_DIMS:
+    if not head_dim_supported(d):
         dims = ", ".join(str(x) for x in SUPPORTED_HEAD_DIMS)
-        return f"head_dim {d} is not supported by the kernel; supported: {dims}"
+        extra = "and multiples of 8 between 64 and 128"
+        return f"head_dim {d} is not supported by the kernel; supported: {dims} {extra}"
     if q.dtype not in (torch.float16, torch.bfloat16) and not (
         interpreter_enabled() and q.dtype == torch.float32
     ):
@@ -172,7 +179,8 @@ def _pick_mode(requested, q, k, v, out, row_strides) -> int:
     """0 pointers, 1 per-program descriptors, 2 host descriptors over a row view (see fwd)."""
     if requested is None:
         on_hopper = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-        requested = _DEFAULT_MODE[q.shape[-1]] if (on_hopper or interpreter_enabled()) else 0
+        # Padded head dims other than 96 (80, 112, ...) take 96's mode.
+        requested = _DEFAULT_MODE.get(q.shape[-1], 1) if (on_hopper or interpreter_enabled()) else 0
     requested = int(requested)
     if requested == 0 or not _tma_ok(q, k, v, out):
         return 0

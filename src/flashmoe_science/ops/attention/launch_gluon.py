@@ -2,21 +2,45 @@
 
 Shape letters: B batch, H query heads, H_kv key/value heads, S_q / S_k sequence lengths, D head dim.
 
-Covers dense forward on Hopper (compute capability 9.x), float16/bfloat16, D 64 and 128, full and
-causal (bottom-right), GQA/MQA, any strides TMA accepts (16-byte aligned base and strides, last
-dim contiguous). ``supported`` says whether a call is covered; everything else goes to the Triton
-kernel (``launch``). Gluon does not run under Triton's CPU interpreter.
+Covers dense forward on Hopper (compute capability 9.x), float16/bfloat16, D 64, 128 and 256,
+and D between 64 and 128 that is a multiple of 8 (80, 96, 112, ...: run as 128 inside the
+kernel, see ``padded_head_dim``), full and causal (bottom-right), GQA/MQA, any strides TMA
+accepts (16-byte aligned base and strides, last dim contiguous). ``supported`` says whether a
+call is covered; everything else goes to the Triton kernel (``launch``). Gluon does not run
+under Triton's CPU interpreter.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 
 _LOG2E = 1.4426950408889634
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 128, 256)  # the kernel's (padded) head dims
+# Shared memory a program may take (sm_90: 227 KB), less room for the mbarriers.
+_SMEM_LIMIT = 227 * 1024 - 1024
+
+
+def _pad(d: int) -> int:
+    """The kernel head dim a head dim d runs at: the smallest of ``HEAD_DIMS`` >= d."""
+    return next((p for p in HEAD_DIMS if p >= d), 0)
+
+
+def padded_head_dim(d: int) -> int | None:
+    """The head dim the dispatch runs d at, or None where the Gluon kernel is not used.
+    64, 128 and 256 run as they are. A multiple of 8 between 64 and 128 (80, 96, 112) runs as
+    128: the TMA descriptors span the real d columns with a 128-wide box, so the missing
+    columns load as zeros and the output store clips them (no padded copy of q/k/v). Below 64
+    (32: half the MMA work would be padding) and between 128 and 256 stay on the Triton kernel."""
+    if d in HEAD_DIMS:
+        return d
+    if 64 < d < 128 and d % 8 == 0:
+        return 128
+    return None
+
 
 # (BLOCK_M per consumer warpgroup, BLOCK_N, NUM_STAGES, PINGPONG, consumers, schedule): schedule 0
 # launches one program per tile, 1 one per SM taking tiles round-robin (persistent), 2 likewise
@@ -28,17 +52,25 @@ _Cfg = tuple[int, int, int, bool, int, int]
 # (478 vs 606): there one program per tile is kept. D64: three consumer warpgroups (192 query
 # rows a program) and the snake schedule, 513 vs 477 full, 426 vs 399 causal. Ping-pong
 # between the consumers made no consistent difference (within the ~5% run-to-run spread).
+# D256: BLOCK_N 64 and 2 stages, with the output staged in Q's buffer (``smem_bytes``): Q 64 KB +
+# K/V ring 128 KB; a separate 64 KB output buffer would need 256 KB. H200, B4 H16 S4k (run 6):
+# snake 667 full / 604 causal vs one program per tile 633 / 581, round-robin 630 / 524, and
+# BLOCK_N 32 with 3 stages and its own output buffer 508 / 468 (cuDNN 659 / 592).
+# D80/D96 take D128's configs (run 6, D96 4k: full 496 vs cuDNN 514, causal 458 vs 409).
 DEFAULT_CONFIG: dict[tuple[int, bool], _Cfg] = {
     (64, False): (64, 128, 3, False, 3, 2),
     (64, True): (64, 128, 3, False, 3, 2),
     (128, False): (64, 128, 2, False, 2, 1),
     (128, True): (64, 128, 2, False, 2, 2),
+    (256, False): (64, 64, 2, False, 2, 2),
+    (256, True): (64, 64, 2, False, 2, 2),
 }
 _LONG_CAUSAL_SEQ = 8192  # causal S_q above this: one program per tile (schedule 0)
 
 
 def default_config(d: int, causal: bool, s_q: int) -> _Cfg:
-    cfg = DEFAULT_CONFIG[(d, bool(causal))]
+    """Config for (padded) head dim d."""
+    cfg = DEFAULT_CONFIG[(_pad(d), bool(causal))]
     if causal and s_q > _LONG_CAUSAL_SEQ:
         cfg = cfg[:5] + (0,)
     return cfg
@@ -49,19 +81,43 @@ def default_config(d: int, causal: bool, s_q: int) -> _Cfg:
 _REGS = {2: (168, 240), 3: (128, 160)}
 
 
+def smem_bytes(config: _Cfg, d_pad: int, elem: int = 2) -> tuple[int, bool]:
+    """(Shared memory of a program's tiles, whether the output is staged in Q's buffer): the
+    output gets its own buffer (so the next tile's Q loads under this one's epilogue) unless
+    that would not fit."""
+    bm, bn, stages, _, consumers, _ = config
+    q = consumers * bm * d_pad * elem
+    ring = 2 * stages * bn * d_pad * elem
+    o_in_q = 2 * q + ring > _SMEM_LIMIT
+    return (q + ring if o_in_q else 2 * q + ring), o_in_q
+
+
+# Host cost per launch matters at short sequences (a 512-token causal forward takes ~30 us on
+# the GPU): device queries and shared-memory layouts are cached, and descriptors are built
+# without re-running checks that ``supported`` made (``_descriptor``).
+@functools.cache
+def _device_props(index: int) -> tuple[int, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.major, p.multi_processor_count
+
+
+def _device_index(device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _device_props(_device_index(device))[1]
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the Gluon kernel covers these dense (B, H, S, D) inputs on this device."""
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if _device_props(_device_index(q.device))[0] != 9:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    if q.shape[-1] not in HEAD_DIMS:
+    if padded_head_dim(q.shape[-1]) is None:
         return False
     for t in (q, k, v):
         es = t.element_size()
@@ -78,30 +134,55 @@ def enabled() -> bool:
     return os.environ.get("FLASHMOE_ATTN_GLUON", "1").strip().lower() not in ("0", "false", "")
 
 
-def _descriptor(t: torch.Tensor, rows: int):
-    """4-D TMA descriptor over (B, H, S, D) with (1, 1, rows, D) boxes: rows past S read as zeros
-    and are clipped on store."""
+@functools.lru_cache(maxsize=64)
+def _smem_layout(rows: int, width: int, bf16: bool):
     from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, width], gl.bfloat16 if bf16 else gl.float16)
+
+
+def _descriptor(t: torch.Tensor, rows: int, d_pad: int | None = None):
+    """4-D TMA descriptor over (B, H, S, D) with (1, 1, rows, d_pad) boxes (d_pad >= D, default
+    D): rows past S and columns past D read as zeros and are clipped on store."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    block = [1, 1, rows, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
+    width = d_pad or t.shape[-1]
     # A size-1 dim is only ever indexed at 0: give it a valid (positive) stride whatever it had.
-    contiguous = [t.shape[1] * t.shape[2] * t.shape[3], t.shape[2] * t.shape[3], t.shape[3], 1]
-    strides = [st if n > 1 else c for st, n, c in zip(t.stride(), t.shape, contiguous)]
-    return TensorDescriptor(t, list(t.shape), strides, block, layout)
+    shape = list(t.shape)
+    contiguous = [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1]
+    strides = [st if n > 1 else c for st, n, c in zip(t.stride(), shape, contiguous)]
+    if _FAST_DESCRIPTORS:
+        # TensorDescriptor's __post_init__ re-checks what ``supported`` checked (alignment,
+        # strides) at ~10 us a descriptor on the host: fill the dataclass's fields directly.
+        desc = object.__new__(TensorDescriptor)
+        desc.__dict__.update(
+            base=t, shape=shape, strides=strides, block_shape=[1, 1, rows, width],
+            layout=_smem_layout(rows, width, t.dtype == torch.bfloat16), padding="zero",
+        )  # fmt: skip
+        return desc
+    return TensorDescriptor(
+        t, shape, strides, [1, 1, rows, width], _smem_layout(rows, width, t.dtype == torch.bfloat16)
+    )
+
+
+_FAST_DESCRIPTORS = True
 
 
 def attention_fwd(q, k, v, causal: bool, scale: float, config: _Cfg | None = None, out=None, lse=None):
     """Dense forward (caller checked ``supported``; S_q, S_k > 0). q (B, H, S_q, D); k, v
-    (B, H_kv, S_k, D). Returns out (B, H, S_q, D) contiguous and lse float32 (B, H, S_q)."""
+    (B, H_kv, S_k, D). Returns out (B, H, S_q, D) contiguous and lse float32 (B, H, S_q).
+    ``scale`` is the caller's (the API's default is 1/sqrt(D) of the real D, not the padded one).
+    The kernel runs at head dim ``_pad(D)``; tests and benchmarks may call this directly for a D
+    the dispatch keeps on the Triton kernel (e.g. 32, run as 64)."""
     from .kernels import fwd_gluon
 
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
-    config = config if config is not None else default_config(d, causal, s_q)
+    d_pad = _pad(d)
+    assert d_pad and d % 8 == 0, f"head dim {d}: not covered by the Gluon kernel"
+    config = config if config is not None else default_config(d_pad, causal, s_q)
     bm, bn, stages, pingpong, consumers, schedule = config
+    _, o_in_q = smem_bytes(config, d_pad, q.element_size())
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None:
@@ -110,10 +191,11 @@ def attention_fwd(q, k, v, causal: bool, scale: float, config: _Cfg | None = Non
     grid = (min(tiles, _num_sms(q.device)) if schedule else tiles,)
     maxnreg, consumer_regs = _REGS[consumers]
     fwd_gluon.attn_fwd_gluon_kernel[grid](
-        _descriptor(q, bm), _descriptor(k, bn), _descriptor(v, bn), _descriptor(out, bm),
-        lse, lse.stride(0), lse.stride(1), b, h, h // h_kv, s_q, s_k, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers, CAUSAL=bool(causal),
-        PINGPONG=bool(pingpong), CONSUMER_REGS=consumer_regs, SNAKE=schedule == 2,
+        _descriptor(q, bm, d_pad), _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad),
+        _descriptor(out, bm, d_pad), lse, lse.stride(0), lse.stride(1), b, h, h // h_kv, s_q, s_k,
+        scale * _LOG2E, HEAD_DIM=d_pad, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
+        CAUSAL=bool(causal), PINGPONG=bool(pingpong), CONSUMER_REGS=consumer_regs, SNAKE=schedule == 2,
+        O_IN_Q=o_in_q,
         num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
     return out, lse

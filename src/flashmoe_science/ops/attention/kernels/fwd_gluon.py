@@ -20,7 +20,13 @@ who does what:
 
 Tiles are addressed through 4-D TMA descriptors over (B, H, S, D) with any strides TMA
 accepts (16-byte aligned, last dim contiguous): rows past S_q / S_k read as zeros, and the
-output (staged in its own shared buffer, stored by TMA) clips rows past S_q. Causal masking
+output (staged in its own shared buffer, stored by TMA) clips rows past S_q. ``HEAD_DIM`` is
+the *padded* head dim (the descriptors' box width): for a head dim D < HEAD_DIM (e.g. 80 or
+96 run as 128) the descriptors still span the real D columns, so columns D..HEAD_DIM-1 of
+Q, K and V load as zeros (they add nothing to Q K^T, and give zero output columns) and the
+output store clips them: no padded copy exists in memory. With ``O_IN_Q`` (head dim 256,
+where a separate output buffer does not fit) each consumer stages its output in its own Q
+sub-tile and releases Q only once the output store has read it. Causal masking
 is bottom-right aligned (row i sees key j <= i + S_k - S_q); blocks no row of a consumer can
 see are not computed (the consumer only releases them). Rows that see no key give out = 0,
 lse = -inf. Scores are scaled by ``softmax_scale * log2(e)`` and exponentiated with exp2.
@@ -174,7 +180,7 @@ def _consumer(C: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, 
               v_ready, v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k,
               qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
-              PINGPONG: gl.constexpr, SNAKE: gl.constexpr):  # fmt: skip
+              PINGPONG: gl.constexpr, SNAKE: gl.constexpr, O_IN_Q: gl.constexpr):  # fmt: skip
     """One warpgroup: per tile, query rows [row0, row0 + BLOCK_M), row0 = m0 + C * BLOCK_M."""
     dtype: gl.constexpr = o_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -188,7 +194,7 @@ def _consumer(C: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, 
 
     q_tile = q_smem.index(C)
     q = q_tile.reshape([BLOCK_M, HEAD_DIM])
-    o_tile = o_smem.index(C)
+    o_tile = o_smem.index(C)  # with O_IN_Q the caller passes q_smem as o_smem
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     diag = seqlen_k - seqlen_q
     kv = 0  # ring position of this tile's first K/V block (counts on across tiles)
@@ -221,8 +227,10 @@ def _consumer(C: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, 
             t += 1
             s = warpgroup_mma_wait(0, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(s0), count=1)
-            # Q is free once the last QK^T is done: the next tile's Q loads under this one's tail.
-            mbarrier.arrive(q_empty.index(C), count=1, pred=n_mine == 1)
+            # Q is free once the last QK^T is done: the next tile's Q loads under this one's tail
+            # (unless Q's buffer stages the output: then after the output store, below).
+            if not O_IN_Q:
+                mbarrier.arrive(q_empty.index(C), count=1, pred=n_mine == 1)
             p, m_i, alpha = _softmax_step(
                 s, m_i, 0, row0, diag, seqlen_k, qk_scale, 0 >= n_free, s_layout, CAUSAL
             )
@@ -246,7 +254,8 @@ def _consumer(C: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, 
                 t += 1
                 s = warpgroup_mma_wait(1, deps=(s_tok,))
                 mbarrier.arrive(k_empty.index(sj), count=1)
-                mbarrier.arrive(q_empty.index(C), count=1, pred=j == n_mine - 1)
+                if not O_IN_Q:
+                    mbarrier.arrive(q_empty.index(C), count=1, pred=j == n_mine - 1)
                 p, m_i, alpha = _softmax_step(s, m_i, j * BLOCK_N, row0, diag, seqlen_k, qk_scale, j >= n_free,
                                               s_layout, CAUSAL)  # fmt: skip
                 l_i = l_i * alpha + gl.sum(p, 1)
@@ -264,7 +273,7 @@ def _consumer(C: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, 
             t += 1
             acc = warpgroup_mma_wait(0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(sl), count=1)
-        else:
+        elif not O_IN_Q:
             mbarrier.arrive(q_empty.index(C), count=1)
 
         # Blocks the producer loaded for the other consumers only: release them unread.
@@ -296,6 +305,10 @@ def _consumer(C: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, 
         o_tile.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], o_tile)
+        if O_IN_Q:
+            # The output went out through Q's buffer: the next tile's Q may load once it is read.
+            tma.store_wait(0)
+            mbarrier.arrive(q_empty.index(C), count=1)
         kv += n_cta
         it += 1
     tma.store_wait(0)
@@ -306,10 +319,10 @@ def _consumer0(o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready
                Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-               SNAKE: gl.constexpr):  # fmt: skip
+               SNAKE: gl.constexpr, O_IN_Q: gl.constexpr):  # fmt: skip
     _consumer(0, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
               Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
-              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG, SNAKE)  # fmt: skip
+              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG, SNAKE, O_IN_Q)  # fmt: skip
 
 
 @gluon.jit
@@ -317,10 +330,10 @@ def _consumer1(o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready
                Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-               SNAKE: gl.constexpr):  # fmt: skip
+               SNAKE: gl.constexpr, O_IN_Q: gl.constexpr):  # fmt: skip
     _consumer(1, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
               Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
-              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG, SNAKE)  # fmt: skip
+              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG, SNAKE, O_IN_Q)  # fmt: skip
 
 
 @gluon.jit
@@ -328,10 +341,10 @@ def _consumer2(o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready
                Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-               SNAKE: gl.constexpr):  # fmt: skip
+               SNAKE: gl.constexpr, O_IN_Q: gl.constexpr):  # fmt: skip
     _consumer(2, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn,
               Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, qk_scale,
-              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG, SNAKE)  # fmt: skip
+              BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG, SNAKE, O_IN_Q)  # fmt: skip
 
 
 @gluon.jit
@@ -340,7 +353,7 @@ def attn_fwd_gluon_kernel(
     B, H, GROUP, seqlen_q, seqlen_k, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, SNAKE: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, SNAKE: gl.constexpr, O_IN_Q: gl.constexpr,
 ):  # fmt: skip
     """Tiles of NUM_CONSUMERS * BLOCK_M query rows of one (batch, head). Grid: any number of
     programs up to the tile count, each taking one tile per round (``_tile_id``): one tile
@@ -354,7 +367,13 @@ def attn_fwd_gluon_kernel(
 
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
-    o_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
+    if O_IN_Q:
+        # Head dim 256: a separate output buffer does not fit beside Q and the K/V ring; each
+        # consumer stages its output in its own Q sub-tile (Q is dead after the last QK^T).
+        gl.static_assert(o_desc.block_type.nbytes == q_desc.block_type.nbytes)
+        o_smem = q_smem
+    else:
+        o_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
@@ -382,11 +401,11 @@ def attn_fwd_gluon_kernel(
                 (_consumer0, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                               v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
                               seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                              PINGPONG, SNAKE)),
+                              PINGPONG, SNAKE, O_IN_Q)),
                 (_consumer1, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                               v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
                               seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                              PINGPONG, SNAKE)),
+                              PINGPONG, SNAKE, O_IN_Q)),
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                              v_ready, v_empty, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
                              NUM_STAGES, NUM_CONSUMERS, CAUSAL, SNAKE)),
@@ -400,15 +419,15 @@ def attn_fwd_gluon_kernel(
                 (_consumer0, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                               v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
                               seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                              PINGPONG, SNAKE)),
+                              PINGPONG, SNAKE, O_IN_Q)),
                 (_consumer1, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                               v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
                               seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                              PINGPONG, SNAKE)),
+                              PINGPONG, SNAKE, O_IN_Q)),
                 (_consumer2, (o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                               v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q,
                               seqlen_k, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL,
-                              PINGPONG, SNAKE)),
+                              PINGPONG, SNAKE, O_IN_Q)),
                 (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
                              v_ready, v_empty, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N,
                              NUM_STAGES, NUM_CONSUMERS, CAUSAL, SNAKE)),
