@@ -230,7 +230,7 @@ def screen(
     best_z = torch.empty((0, width), dtype=torch.int64, device=device)
     best_amt = torch.empty((0, width), dtype=torch.int64, device=device)
     rng = np.random.default_rng(seed)
-    sample: list[np.ndarray] = []
+    sample: list[torch.Tensor] = []  # on the device: reading means back would sync every chunk
     kept = 0
     seen = 0
     bar = None
@@ -268,10 +268,9 @@ def screen(
         best_z, best_amt = best_z[idx], best_amt[idx]
         # Reservoir-style sample for the histogram: a fixed fraction of every chunk.
         frac_keep = min(1.0, sample_size / max(total, 1))
-        m = mean.cpu().numpy()
-        take = rng.random(len(m)) < frac_keep
-        sample.append(m[take])
-        kept += int(take.sum())
+        take = np.flatnonzero(rng.random(len(z)) < frac_keep)
+        sample.append(mean[torch.as_tensor(take, device=device)])
+        kept += len(take)
         seen += len(z)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -300,7 +299,7 @@ def screen(
                 "in_training_data": _composition_key(zi, frac) in known,
             }
         )
-    sampled = np.concatenate(sample) if sample else np.zeros(0)
+    sampled = torch.cat(sample).cpu().numpy().astype(np.float64) if sample else np.zeros(0)
     return ScreenResult(task, objective, seen, seconds, top, sampled, enumerated)
 
 
