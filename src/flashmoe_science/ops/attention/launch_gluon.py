@@ -52,15 +52,18 @@ _Cfg = tuple[int, int, int, bool, int, int]
 # (478 vs 606): there one program per tile is kept. D64: three consumer warpgroups (192 query
 # rows a program) and the snake schedule, 513 vs 477 full, 426 vs 399 causal. Ping-pong
 # between the consumers made no consistent difference (within the ~5% run-to-run spread).
+# D128 full moved from round-robin to snake (runs 6 and 8, snake vs round-robin: 2k 596 / 596
+# and 622 / 600, 16k 653 / 633, 1k 571 / 567 and 585 / 572, 512 509 / 505 and 518 / 511).
 # D256: BLOCK_N 64 and 2 stages, with the output staged in Q's buffer (``smem_bytes``): Q 64 KB +
 # K/V ring 128 KB; a separate 64 KB output buffer would need 256 KB. H200, B4 H16 S4k (run 6):
 # snake 667 full / 604 causal vs one program per tile 633 / 581, round-robin 630 / 524, and
-# BLOCK_N 32 with 3 stages and its own output buffer 508 / 468 (cuDNN 659 / 592).
+# BLOCK_N 32 with 3 stages and its own output buffer 508 / 468 (cuDNN 659 / 592); run 8 had
+# snake 653 / 598 and per tile 679 / 605: the schedules are within the spread there.
 # D80/D96 take D128's configs (run 6, D96 4k: full 496 vs cuDNN 514, causal 458 vs 409).
 DEFAULT_CONFIG: dict[tuple[int, bool], _Cfg] = {
     (64, False): (64, 128, 3, False, 3, 2),
     (64, True): (64, 128, 3, False, 3, 2),
-    (128, False): (64, 128, 2, False, 2, 1),
+    (128, False): (64, 128, 2, False, 2, 2),
     (128, True): (64, 128, 2, False, 2, 2),
     (256, False): (64, 64, 2, False, 2, 2),
     (256, True): (64, 64, 2, False, 2, 2),
