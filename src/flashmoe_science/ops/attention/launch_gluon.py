@@ -59,7 +59,8 @@ _Cfg = tuple[int, int, int, bool, int, int]
 # snake 667 full / 604 causal vs one program per tile 633 / 581, round-robin 630 / 524, and
 # BLOCK_N 32 with 3 stages and its own output buffer 508 / 468 (cuDNN 659 / 592); run 8 had
 # snake 653 / 598 and per tile 679 / 605: the schedules are within the spread there.
-# D80/D96 take D128's configs (run 6, D96 4k: full 496 vs cuDNN 514, causal 458 vs 409).
+# D80/D96 take D128's configs (run 6, D96 4k: full 496 vs cuDNN 514, causal 458 vs 409; snake
+# vs round-robin at D96 full 489 / 478 and 500 / 488 in runs 6 and 8).
 DEFAULT_CONFIG: dict[tuple[int, bool], _Cfg] = {
     (64, False): (64, 128, 3, False, 3, 2),
     (64, True): (64, 128, 3, False, 3, 2),
