@@ -2,13 +2,16 @@
 Triton kernel and SDPA's cuDNN backend, in one process on one GPU.
 
     PYTHONPATH=src:. python3 -m benchmarks.attn_fwd_gluon [--out DIR] [--autotune]
+        [--phase all|check|bench] [--cases default|new] [--dims 96,256] [--repeats 3] [--skip N]
 
 check  for each Gluon config, a subprocess (with a timeout, so a deadlocked kernel costs one
        config, not the run) runs fresh random inputs into NaN-poisoned outputs and compares
        with the float64 reference by the DESIGN.md rule (tests/_numerics.py).
 bench  TFLOP/s via triton.testing.do_bench for cuDNN SDPA, the Triton kernel (its default
        config, FLASHMOE_ATTN_AUTOTUNE=0, or autotuned with --autotune) and the Gluon configs
-       that passed; writes gluon_bench.json (DESIGN.md results schema) into --out.
+       that passed; writes gluon_bench.json (DESIGN.md results schema) into --out. Cases up
+       to SHORT_SEQ also get the kernel time by CUDA-graph replay (``graph_ms``) and the host
+       time to enqueue one call (``host_us``): short launches are host-bound.
 """
 
 from __future__ import annotations
