@@ -40,3 +40,20 @@ def select_backend(t: torch.Tensor) -> str:
             f"{t.device.type!r} needs a CUDA device or TRITON_INTERPRET=1 set before import"
         )
     return "triton" if t.is_cuda else "reference"
+
+
+def direct_launch_ok(*tensors: torch.Tensor) -> bool:
+    """True when an op may call its kernel launcher without the custom-op layer: eager
+    (nothing compiling or intercepting dispatch), plain tensors, no gradient wanted. The
+    custom ops exist for torch.compile and autograd; in eager inference their dispatch costs
+    tens of microseconds a call, more than a decode step or a 512-token attention forward
+    takes on the GPU (docs/moe.md, docs/attention_fwd.md)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return True

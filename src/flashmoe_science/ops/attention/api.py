@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..._backend import select_backend
+from ..._backend import direct_launch_ok, select_backend
 from ..._validation import (
     check_float,
     check_int_tensor,
@@ -119,7 +119,7 @@ def flash_attention_science(
     use_kernel = _triton_path(q)
     if use_kernel:
         _check_kernel_support(q, k, v)
-        if _direct(q, k, v):
+        if direct_launch_ok(q, k, v):
             # Inference: straight to the launcher (the custom op's dispatch costs ~30-170 us on
             # the host, more than a 512-token forward takes on the GPU; docs/attention_fwd.md).
             from . import launch
@@ -128,21 +128,6 @@ def flash_attention_science(
             return (out, lse) if return_lse else out
     out, lse = autograd.attention(q, k, v, causal, scale, use_kernel)
     return (out, lse) if return_lse else out
-
-
-def _direct(*tensors: torch.Tensor) -> bool:
-    """True when the kernel may run without the custom-op layer: eager (nothing compiling or
-    intercepting dispatch), plain tensors, no gradient wanted. The custom ops exist for
-    torch.compile and autograd (the same rule as ``ops.moe.api``)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if type(t) is not torch.Tensor or (grad and t.requires_grad):
-            return False
-    return True
 
 
 def _check_cu_seqlens(name: str, cu: object, total: int, max_seqlen: object, max_name: str):

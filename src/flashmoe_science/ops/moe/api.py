@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._backend import select_backend
+from ..._backend import direct_launch_ok, select_backend
 from ..._validation import (
     check_float,
     check_int_tensor,
@@ -186,27 +186,11 @@ def fused_experts(
     return _run_experts(x, w_gate_up, w_down, topk_weights, topk_ids, activation)
 
 
-def _direct(*tensors: torch.Tensor) -> bool:
-    """True when the kernels may run without the custom-op layer: eager (nothing compiling or
-    intercepting dispatch), plain tensors, no gradient wanted. The custom ops exist for
-    torch.compile and autograd; in eager inference their dispatch costs tens of microseconds a
-    call, which is most of a decode step's time (docs/moe.md)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if type(t) is not torch.Tensor or (grad and t.requires_grad):
-            return False
-    return True
-
-
 def _run_experts(x, w_gate_up, w_down, topk_weights, topk_ids, activation):
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     use_kernel = select_backend(x) == "triton" and _kernel_dtype(x)
-    if use_kernel and _direct(x, w_gate_up, w_down, topk_weights, topk_ids):
+    if use_kernel and direct_launch_ok(x, w_gate_up, w_down, topk_weights, topk_ids):
         from . import launch
 
         return launch.fused_experts_fwd(x, w_gate_up, w_down, topk_weights, topk_ids, activation)[0]
@@ -244,7 +228,7 @@ def fused_moe(
         and _kernel_dtype(x)
         and router_logits.dtype != torch.float64
         and select_backend(x) == "triton"
-        and _direct(x, w_gate_up, w_down, router_logits)
+        and direct_launch_ok(x, w_gate_up, w_down, router_logits)
     ):
         # Inference: routing + experts straight to the launchers (decode: 4 launches).
         _check_routing_args(router_logits, top_k, scoring, None, None, None)
