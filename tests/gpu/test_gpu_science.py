@@ -116,10 +116,13 @@ def _fake_pack(formulas):
 def test_fit_with_cuda_graphs_learns_and_follows_the_schedule(monkeypatch):
     """fit() on CUDA with its captured steps: the loss falls, validation MAE beats predicting
     the mean, graphs were used, and the learning-rate schedule reaches the captured step."""
+    from flashmoe_science.science import model as model_mod
     from flashmoe_science.science import train as train_mod
     from flashmoe_science.science.data import MaterialsDataset
 
     monkeypatch.setattr(train_mod, "pack_formulas", _fake_pack)
+    props = np.random.default_rng(1).standard_normal((MAX_Z + 1, 8)).astype(np.float32)
+    monkeypatch.setattr(model_mod, "element_table", lambda: props)  # pymatgen's, without pymatgen
     rng = np.random.default_rng(0)
     formulas, targets = [], []
     for _ in range(1200):
