@@ -115,3 +115,11 @@ def test_evaluate_tc_two_folds(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["folds"] == [0, 1] and len(metrics["rows"]) == 6
     assert (out / "environment.json").is_file()
+
+
+def test_no_cuda_graphs_flag_reaches_the_train_config():
+    from flashmoe_science.cli import _train_config, build_parser
+
+    for extra, want in (([], True), (["--no-cuda-graphs"], False)):
+        args = build_parser().parse_args(["train", "--dataset", "tc", *extra])
+        assert _train_config(args).cuda_graphs is want

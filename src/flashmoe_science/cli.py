@@ -44,6 +44,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs: int) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on CUDA, run every training step eagerly instead of replaying captured graphs",
+    )
     p.add_argument("--trees", type=int, default=300, help="trees of the random-forest baseline")
     p.add_argument(
         "--ensemble", type=int, default=1, help="models per fold, averaged (seeds seed, seed+1, ...)"
@@ -62,6 +67,7 @@ def _train_config(args):
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
+        cuda_graphs=not args.no_cuda_graphs,
         model={
             "dim": args.dim,
             "heads": args.heads,
