@@ -205,6 +205,10 @@ class TrainStep:
                 f"batch of {len(packed)} compositions (longest {int(lengths.max())}) does not fit "
                 f"TrainStep(batch_size={self.slots - 1}, max_len={self.max_len})"
             )
+        with torch.cuda.device(self.device):  # capture and streams on the model's GPU
+            return self._graphed(packed, y)
+
+    def _graphed(self, packed: PackedCompositions, y: torch.Tensor) -> torch.Tensor:
         key = self._shape(len(packed), int(packed.offsets[-1]))
         batch, ys, weight = self._fill(key, packed, y)
         entry = self._graphs.get(key)
