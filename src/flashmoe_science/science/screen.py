@@ -231,7 +231,8 @@ def screen(
     best_amt = torch.empty((0, width), dtype=torch.int64, device=device)
     rng = np.random.default_rng(seed)
     sample: list[torch.Tensor] = []  # on the device: reading means back would sync every chunk
-    kept = 0
+    # Reservoir-style sample for the histogram: a fixed fraction of every chunk.
+    frac_keep = min(1.0, sample_size / max(total, 1))
     seen = 0
     bar = None
     if progress:
@@ -266,11 +267,8 @@ def screen(
         idx = torch.topk(best_score, k).indices
         best_score, best_mean, best_std = best_score[idx], best_mean[idx], best_std[idx]
         best_z, best_amt = best_z[idx], best_amt[idx]
-        # Reservoir-style sample for the histogram: a fixed fraction of every chunk.
-        frac_keep = min(1.0, sample_size / max(total, 1))
         take = np.flatnonzero(rng.random(len(z)) < frac_keep)
         sample.append(mean[torch.as_tensor(take, device=device)])
-        kept += len(take)
         seen += len(z)
     if device.type == "cuda":
         torch.cuda.synchronize()
