@@ -17,7 +17,6 @@ bench  TFLOP/s via triton.testing.do_bench for cuDNN SDPA, the Triton kernel (it
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import math
@@ -26,6 +25,8 @@ import sys
 import time
 
 import torch
+
+from benchmarks.harness import collect_meta
 
 # (BLOCK_M per consumer, BLOCK_N, NUM_STAGES, PINGPONG, consumers, persistent)
 # schedule: 0 one program per tile, 1 persistent round-robin, 2 persistent snake (launch_gluon).
@@ -318,13 +319,9 @@ def phase_bench(out_dir, autotune, configs, max_seqlen=None, cases=None, repeats
             f"x_triton {x_triton:.2f}",
             flush=True,
         )
+    command = "python3 -m benchmarks.attn_fwd_gluon " + " ".join(sys.argv[1:])
     meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cudnn": torch.backends.cudnn.version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python3 -m benchmarks.attn_fwd_gluon " + " ".join(sys.argv[1:]),
+        **collect_meta(command, torch.device("cuda")),
         "timing": "triton.testing.do_bench(warmup=25, rep=100), median ms; triton = "
         + ("autotuned" if autotune else "default config (FLASHMOE_ATTN_AUTOTUNE=0)"),
     }

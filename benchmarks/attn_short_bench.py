@@ -11,7 +11,6 @@ kernels are compared before timing.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import collect_meta  # noqa: E402
 from flashmoe_science.ops.attention import launch, launch_bwd  # noqa: E402
 
 
@@ -77,7 +78,6 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="3,4,8,16,32")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    import triton
     import triton.testing as tt
 
     rows = []
@@ -94,15 +94,8 @@ def main(argv=None) -> int:
                 f"{r['sdpa_fwd_bwd_ms'] or float('nan'):8.3f}  {r['max_abs_diff_short_vs_general']:.2e}",
                 flush=True,
             )
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "command": "python3 benchmarks/attn_short_bench.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "dtype": "bfloat16",
-    }
+    command = "python3 benchmarks/attn_short_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {**collect_meta(command, torch.device("cuda")), "dtype": "bfloat16"}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

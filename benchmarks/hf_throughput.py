@@ -138,7 +138,6 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     import transformers
-    import triton
 
     dtype = torch.bfloat16
     model = _build(args.model, dtype)
@@ -182,16 +181,10 @@ def main(argv=None) -> int:
 
     hf = [r for r in rows if r["impl"].startswith("hf_") and r["status"] == "ok"]
     best_hf = min(hf, key=lambda r: r["ms"]) if hf else None
+    command = "python -m benchmarks.hf_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **harness.collect_meta(command, torch.device("cuda")),
         "transformers": transformers.__version__,
-        "cudnn": torch.backends.cudnn.version(),
-        "date": dt.date.today().isoformat(),
-        "command": "python -m benchmarks.hf_throughput "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "git_sha": harness.git_sha(),
         "best_hf_impl": best_hf["impl"] if best_hf else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)

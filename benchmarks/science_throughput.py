@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,7 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import git_sha  # noqa: E402
+from benchmarks.harness import collect_meta  # noqa: E402
 from flashmoe_science.nn.moe import load_balancing_loss, router_z_loss  # noqa: E402
 from flashmoe_science.science.featurize import MAX_Z, PackedBatch, PackedCompositions  # noqa: E402
 from flashmoe_science.science.model import CompositionTransformer, GraphedPredictor  # noqa: E402
@@ -384,16 +382,9 @@ def main(argv=None) -> int:
     rows = []
     for case in cases:
         rows.extend(run_case(case, device, dtype, args.warmup, args.iters, data, steps))
-    meta = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": _triton_version(),
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "git_sha": git_sha(),
-        "command": "python benchmarks/science_throughput.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    args_used = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/science_throughput.py " + " ".join(args_used)
+    meta = collect_meta(command, device)
     hdr = f"{'op':15s} {'impl':22s} {'case':48s} {'ms':>9s} {'rate':>14s} {'speedup':>8s}"
     print(hdr)
     for r in rows:
@@ -417,15 +408,6 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         print(f"wrote {args.out}")
     return 0
-
-
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
 
 
 if __name__ == "__main__":
