@@ -143,12 +143,10 @@ def test_every_tile_config_gpu(triton_backend, monkeypatch, index):
         assert_close_rule(g, r, p, grad=True, name=name)
 
 
-@pytest.mark.parametrize("index", range(8))
-def test_every_decode_tile_config_gpu(triton_backend, monkeypatch, index):
-    """Config ``index`` of every small-tile (decode, BLOCK_M 16) list: the inference path of
-    fused_moe (route_align + TMA weight tiles) and forward + backward of fused_experts."""
-    monkeypatch.setenv("FLASHMOE_MOE_CONFIG_INDEX", str(index))
-    t, h, f, e, k, dtype = 8, 512, 384, 64, 8, torch.bfloat16
+def _check_inference(t, h, f, e, k, dtype, name="y"):
+    """fused_moe's inference path (no gradient: route_align/align + the decode tiles) on random
+    weights and well-separated logits, into poisoned memory, against the float64 reference by
+    the rule. Returns x, w1, w2 and the routed ids for further checks."""
     x = torch.randn(t, h, device=DEV).to(dtype)
     w1 = (torch.randn(e, 2 * f, h, device=DEV) / h**0.5).to(dtype)
     w2 = (torch.randn(e, h, f, device=DEV) / f**0.5).to(dtype)
@@ -160,7 +158,17 @@ def test_every_decode_tile_config_gpu(triton_backend, monkeypatch, index):
     tw32, _ = ref.route_ref(logits, k)
     y64 = ref.fused_experts_ref(x.double(), w1.double(), w2.double(), tw64, ids)
     yp = ref.fused_experts_ref(x, w1, w2, tw32, ids, compute_dtype=dtype)
-    assert_close_rule(y, y64, yp, name="y inference")
+    assert_close_rule(y, y64, yp, name=name)
+    return x, w1, w2, ids
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_every_decode_tile_config_gpu(triton_backend, monkeypatch, index):
+    """Config ``index`` of every small-tile (decode, BLOCK_M 16) list: the inference path of
+    fused_moe (route_align + TMA weight tiles) and forward + backward of fused_experts."""
+    monkeypatch.setenv("FLASHMOE_MOE_CONFIG_INDEX", str(index))
+    t, h, f, e, k, dtype = 8, 512, 384, 64, 8, torch.bfloat16
+    x, w1, w2, ids = _check_inference(t, h, f, e, k, dtype, name="y inference")
     tw = torch.rand(t, k, device=DEV) + 0.1
     dy = torch.randn(t, h, device=DEV).to(dtype)
     leaves = [v.clone().requires_grad_() for v in (x, w1, w2, tw)]
@@ -179,19 +187,7 @@ def test_fused_moe_decode_gpu(triton_backend, shape, t):
     """Decode sizes with the issue-5 weights through the inference path (route_align for
     T <= 64; T = 65 takes route + single-program align), bf16, poisoned memory, by the rule."""
     h, f, e, k = {"B": (2048, 768, 128, 8), "C": (2048, 1024, 256, 8)}[shape]
-    dtype = torch.bfloat16
-    x = torch.randn(t, h, device=DEV).to(dtype)
-    w1 = (torch.randn(e, 2 * f, h, device=DEV) / h**0.5).to(dtype)
-    w2 = (torch.randn(e, h, f, device=DEV) / f**0.5).to(dtype)
-    logits = _distinct_logits(t, e, torch.float32)
-    _poison_allocator(1 << 26)
-    with torch.no_grad():
-        y = fused_moe(x, w1, w2, logits, top_k=k)
-    tw64, ids = ref.route_ref(logits.double(), k)
-    tw32, _ = ref.route_ref(logits, k)
-    y64 = ref.fused_experts_ref(x.double(), w1.double(), w2.double(), tw64, ids)
-    yp = ref.fused_experts_ref(x, w1, w2, tw32, ids, compute_dtype=dtype)
-    assert_close_rule(y, y64, yp, name="y")
+    _check_inference(t, h, f, e, k, torch.bfloat16)
 
 
 @pytest.mark.parametrize("wgrad", ["gather", "rows"])
