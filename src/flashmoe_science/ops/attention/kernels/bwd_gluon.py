@@ -1,0 +1,299 @@
+"""Attention backward for Hopper (sm_90) in Gluon: warp-specialised, FlashAttention-3 style.
+
+DRAFT (issue 4): compiled for sm_90 on the CPU machine only; it has NOT run on a GPU yet
+(docs/attention_bwd.md, "Gluon backward (draft)"). Not wired into the default dispatch:
+``launch_bwd.attention_bwd`` calls it only with ``FLASHMOE_ATTN_GLUON_BWD=1``.
+
+Shape letters: B batch, H query heads, H_kv key/value heads (GROUP = H // H_kv), S_q / S_k
+sequence lengths, D head dim (64 or 128).
+
+One program per (KV block of ``NUM_CONSUMERS * BLOCK_N`` key rows, batch, KV head):
+
+  * the producer warp TMA-loads the program's K and V rows once (one ``BLOCK_N`` slice per
+    consumer), then, for every query head of the KV head's group (GQA: dK/dV summed over the
+    group, K/V never repeated) and every query block the KV block can see, the Q and dO tiles
+    of ``BLOCK_M`` rows into a ring of ``NUM_STAGES`` shared-memory slots (``q_ready`` /
+    ``do_ready`` / ``empty`` mbarriers per slot; ``empty`` counts one arrival per consumer);
+  * ``NUM_CONSUMERS`` consumer warpgroups each own ``BLOCK_N`` (= 64, one wgmma M) key rows
+    and read every Q/dO tile. Per tile, transposed so that dK/dV come out row-major:
+        S^T  = K Q^T                     (wgmma, both operands in shared memory)
+        dP^T = V dO^T                    (wgmma, issued before S^T is consumed)
+        P^T  = exp2(S^T * scale * log2 e - lse2)   lse2 = lse * log2 e (+inf: no key / pad)
+        dS^T = P^T * (dP^T - delta)
+        dV  += P^T dO                    (wgmma, P^T from registers)
+        dK  += dS^T Q                    (wgmma, dS^T from registers)
+        dQ_partial = dS K                (wgmma, dS^T stored to shared memory, read transposed)
+    and adds ``dQ_partial`` (unscaled) into a float32 (B, H, S_q, D) buffer with fp32 atomics;
+    the launcher then scales and casts it (the Triton backward's atomic-dQ step);
+  * the epilogue scales dK by ``scale`` and stores dK / dV by TMA, staged in the consumer's
+    K / V buffers (dead by then); rows past S_k are clipped by the descriptor.
+
+lse2 and delta are read from float32 (B, H, S_pad) buffers the launcher pads to a multiple of
+the query block (lse2 = +inf and delta = 0 there), so the loads need no mask: rows past S_q and
+rows that saw no key (lse = -inf) give P = 0. Causal masking is bottom-right aligned (row i
+sees key j <= i + S_k - S_q, as in ``bwd.py``): query blocks a consumer cannot see are released
+unread, blocks fully visible to it run without a mask, only the diagonal (and the ragged key
+tail, where P could overflow on zero-filled K rows) pay for one.
+
+Gluon has no CPU interpreter: ``tests/test_attention_gluon_bwd_compile.py`` compiles every
+config for sm_90 on the CPU; ``tests/gpu/test_gpu_attention_bwd_gluon.py`` checks gradients on
+a GPU. Grids and configs live in ``launch_bwd_gluon``.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+
+@gluon.jit
+def _program(H_KV, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+    """(b, h_kv, first key row, first query block, query blocks per head) of this program.
+    KV blocks run fastest: a head's programs run together and share its Q/dO in L2; for
+    causal the first KV blocks (the most query rows) start first."""
+    num_n = gl.cdiv(seqlen_k, NUM_CONSUMERS * BLOCK_N)
+    pid = gl.program_id(0)
+    pid_n = pid % num_n
+    pid_bh = pid // num_n
+    off_b = pid_bh // H_KV
+    off_hk = pid_bh % H_KV
+    n0 = pid_n * (NUM_CONSUMERS * BLOCK_N)
+    if CAUSAL:
+        # The first row that sees key n0 is n0 - (S_k - S_q); query blocks above it are hidden.
+        mb_lo = gl.maximum(n0 - (seqlen_k - seqlen_q), 0) // BLOCK_M
+    else:
+        mb_lo = 0
+    n_mb = gl.maximum(gl.cdiv(seqlen_q, BLOCK_M) - mb_lo, 0)
+    return off_b, off_hk, n0, mb_lo, n_mb
+
+
+@gluon.jit
+def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
+              empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+    """One warp: the program's K/V slices, then (Q, dO) tiles of every (query head, query block)
+    into the ring."""
+    off_b, off_hk, n0, mb_lo, n_mb = _program(H_KV, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
+                                              CAUSAL)  # fmt: skip
+    for c in gl.static_range(NUM_CONSUMERS):
+        mbarrier.expect(kv_ready.index(c), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(
+            k_desc, [off_b, off_hk, n0 + c * BLOCK_N, 0], kv_ready.index(c), k_smem.index(c)
+        )
+        tma.async_copy_global_to_shared(
+            v_desc, [off_b, off_hk, n0 + c * BLOCK_N, 0], kv_ready.index(c), v_smem.index(c)
+        )
+    for it in range(GROUP * n_mb):
+        off_h = off_hk * GROUP + it // n_mb
+        m0 = (mb_lo + it % n_mb) * BLOCK_M
+        s = it % NUM_STAGES
+        ph = (it // NUM_STAGES) & 1
+        # Fresh barriers count as having completed phase 1: the first wait on each slot passes.
+        mbarrier.wait(empty.index(s), ph ^ 1)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, m0, 0], q_ready.index(s), q_smem.index(s))
+        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(do_desc, [off_b, off_h, m0, 0], do_ready.index(s), do_smem.index(s))
+
+
+@gluon.jit
+def _consumer(C: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready,
+              do_ready, empty, Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs,
+              H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+              CAUSAL: gl.constexpr):  # fmt: skip
+    """One warpgroup: key rows [kn0, kn0 + BLOCK_N), kn0 = n0 + C * BLOCK_N."""
+    dtype: gl.constexpr = dk_desc.dtype
+    # S^T / dP^T: (BLOCK_N keys, BLOCK_M queries). dK / dV: (BLOCK_N, D). dQ: (BLOCK_M, D).
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_M, 16])  # fmt: skip
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    qry_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    off_b, off_hk, n0, mb_lo, n_mb = _program(H_KV, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
+                                              CAUSAL)  # fmt: skip
+    kn0 = n0 + C * BLOCK_N
+    diag = seqlen_k - seqlen_q
+    # Keys past S_k are zero rows of K/V, but P there is exp2(-lse2), which may overflow:
+    # the ragged tail is masked, and a slice wholly past S_k computes nothing.
+    tail = kn0 + BLOCK_N > seqlen_k
+    if CAUSAL:
+        # Query blocks below c_lo see none of these keys; from mb_free on they see all of them.
+        c_lo = gl.maximum(kn0 - diag, 0) // BLOCK_M
+        mb_free = gl.cdiv(gl.maximum(kn0 + BLOCK_N - 1 - diag, 0), BLOCK_M)
+    else:
+        c_lo = kn0 * 0
+        mb_free = kn0 * 0
+    c_lo = gl.where(kn0 >= seqlen_k, 1 << 30, c_lo)
+
+    k_tile = k_smem.index(C)
+    v_tile = v_smem.index(C)
+    k = k_tile.reshape([BLOCK_N, HEAD_DIM])
+    v = v_tile.reshape([BLOCK_N, HEAD_DIM])
+    ds_tile = ds_smem.index(C)
+    keys = kn0 + gl.arange(0, BLOCK_N, key_layout)
+    qcols = gl.arange(0, BLOCK_M, qry_layout)
+    dq_rows = gl.arange(0, BLOCK_M, gl.SliceLayout(1, kv_layout))
+    dq_cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, kv_layout))
+    s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, kv_layout)
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+
+    mbarrier.wait(kv_ready.index(C), 0)
+    for it in range(GROUP * n_mb):
+        off_h = off_hk * GROUP + it // n_mb
+        mb = mb_lo + it % n_mb
+        m0 = mb * BLOCK_M
+        s = it % NUM_STAGES
+        ph = (it // NUM_STAGES) & 1
+        # Waiting even for a tile it skips keeps this consumer within NUM_STAGES of the producer
+        # (arriving on a slot's ``empty`` twice in one phase would corrupt the ring).
+        mbarrier.wait(q_ready.index(s), ph)
+        if mb >= c_lo:
+            q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+            do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+            st_tok = warpgroup_mma(k, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            row_off = off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + m0
+            lse2 = gl.load(Lse2 + row_off + qcols)
+            delta = gl.load(Delta + row_off + qcols)
+            mbarrier.wait(do_ready.index(s), ph)
+            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            st = warpgroup_mma_wait(1, deps=(st_tok,))
+            pt = gl.exp2(st * qk_scale - lse2[None, :])
+            if tail | (mb < mb_free):
+                rows = m0 + qcols
+                keep = keys[:, None] < seqlen_k
+                if CAUSAL:
+                    keep = keep & (keys[:, None] <= rows[None, :] + diag)
+                pt = gl.where(keep, pt, 0.0)
+            p_op = gl.convert_layout(pt.to(dtype), a_layout)
+            dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+            dpt = warpgroup_mma_wait(1, deps=(dpt_tok,))
+            dst = (pt * (dpt - delta[None, :])).to(dtype)
+            ds_op = gl.convert_layout(dst, a_layout)
+            dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+            # dQ = dS K: dS^T goes through shared memory and is read transposed.
+            ds_tile.store(dst)
+            fence_async_shared()
+            dq_tok = warpgroup_mma(ds_tile.permute((1, 0)), k, dq_zero, use_acc=False, is_async=True)
+            dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
+            mbarrier.arrive(empty.index(s), count=1)
+            rows_q = m0 + dq_rows
+            dq_ptrs = (DQ + off_b.to(gl.int64) * stride_dqb + off_h.to(gl.int64) * stride_dqh
+                       + rows_q.to(gl.int64)[:, None] * stride_dqs + dq_cols[None, :])  # fmt: skip
+            dq_mask = (rows_q[:, None] < seqlen_q) & (dq_cols[None, :] < HEAD_DIM)
+            gl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
+        else:
+            mbarrier.arrive(empty.index(s), count=1)
+
+    # Epilogue: dK (scaled) and dV through the consumer's own K / V buffers (dead by now).
+    k_tile.reshape([BLOCK_N, HEAD_DIM]).store((dk * scale).to(dtype))
+    v_tile.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [off_b, off_hk, kn0, 0], k_tile)
+    tma.async_copy_shared_to_global(dv_desc, [off_b, off_hk, kn0, 0], v_tile)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer0(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready, do_ready, empty,
+               Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs, H_KV, GROUP, seqlen_q,
+               seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+    _consumer(0, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready, do_ready, empty,
+              Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs, H_KV, GROUP, seqlen_q,
+              seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
+              CAUSAL)  # fmt: skip
+
+
+@gluon.jit
+def _consumer1(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready, do_ready, empty,
+               Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs, H_KV, GROUP, seqlen_q,
+               seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+    _consumer(1, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready, do_ready, empty,
+              Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs, H_KV, GROUP, seqlen_q,
+              seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
+              CAUSAL)  # fmt: skip
+
+
+@gluon.jit
+def attn_bwd_gluon_kernel(
+    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, Lse2, Delta, stride_lb, stride_lh,
+    DQ, stride_dqb, stride_dqh, stride_dqs,
+    H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):  # fmt: skip
+    """Grid: (cdiv(S_k, NUM_CONSUMERS * BLOCK_N) * B * H_kv,). Launch with num_warps=4
+    (consumer 0; the other consumer and the producer warp are worker partitions).
+    ``qk_scale`` = softmax scale * log2(e); ``Lse2`` / ``Delta``: float32 (B, H, S_pad) with
+    a contiguous last dim; ``DQ``: float32, zeroed, receives dS K (unscaled)."""
+    gl.static_assert(BLOCK_N == 64)  # one wgmma M per consumer warpgroup
+    gl.static_assert(BLOCK_M == 64 or BLOCK_M == 128)
+    gl.static_assert(NUM_CONSUMERS == 1 or NUM_CONSUMERS == 2)
+    gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + do_desc.block_type.shape, do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + v_desc.block_type.shape, v_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, BLOCK_N, BLOCK_M], ds_layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_CONSUMERS):
+        mbarrier.init(kv_ready.index(i), count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=NUM_CONSUMERS)  # every consumer releases each tile
+
+    # Argument tuples are written inline (a tuple bound to a name turns constexprs into values).
+    if NUM_CONSUMERS == 2:
+        gl.warp_specialize(
+            [
+                (_consumer0, (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready,
+                              do_ready, empty, Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh,
+                              stride_dqs, H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL)),
+                (_consumer1, (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready,
+                              do_ready, empty, Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh,
+                              stride_dqs, H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL)),
+                (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
+                             do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
+                             NUM_CONSUMERS, CAUSAL)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, 24],
+        )  # fmt: skip
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer0, (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready,
+                              do_ready, empty, Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh,
+                              stride_dqs, H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL)),
+                (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
+                             do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
+                             NUM_CONSUMERS, CAUSAL)),
+            ],
+            [1],
+            [24],
+        )  # fmt: skip

@@ -1,0 +1,114 @@
+"""Launcher for the Gluon (warp-specialised, sm_90) attention backward in ``kernels.bwd_gluon``.
+
+DRAFT (issue 4): compiled for sm_90 on the CPU only, NOT yet run on a GPU. Opt-in:
+``launch_bwd.attention_bwd`` routes here only with ``FLASHMOE_ATTN_GLUON_BWD=1`` (and never in
+deterministic mode: dQ is summed with float32 atomics).
+
+Shape letters: B batch, H query heads, H_kv key/value heads, S_q / S_k sequence lengths, D head dim.
+
+Covers dense (B, H, S, D) float16/bfloat16 on Hopper, D 64 and 128, full and causal
+(bottom-right), GQA/MQA, strides TMA accepts. Same interface as ``launch_bwd.attention_bwd``:
+(do, q, k, v, out, lse, causal, scale) -> (dq, dk, dv), lse float32 (B, H, S_q), natural log.
+
+Steps: (1) the Triton ``_bwd_preprocess`` writes delta = rowsum(dO * O) into a float32
+(B, H, S_pad) buffer (S_pad: S_q rounded up to 128; zeros past S_q); (2) lse is converted to the
+log2 domain into a like-shaped buffer, +inf for rows past S_q and rows that saw no key (P = 0
+there); (3) the Gluon kernel accumulates dK, dV per KV block and adds dS K into a zeroed
+float32 dQ buffer with atomics; (4) dq = scale * buffer, cast (as ``launch_bwd``'s atomic mode).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from . import launch_gluon
+
+HEAD_DIMS = (64, 128)
+_LOG2E = 1.4426950408889634
+_S_PAD = 128  # lse2 / delta rows are padded to a multiple of this (>= every BLOCK_M)
+_SMEM_LIMIT = 227 * 1024 - 1024
+_PRE_BLOCK_M = 64
+
+# (BLOCK_M, BLOCK_N per consumer, NUM_STAGES, consumers). Not tuned (no GPU run yet). FA3 runs
+# D128 as 64 query x 128 key rows with two MMA warpgroups, D64 as 128 x 128: the same split here
+# (each consumer warpgroup owns 64 key rows). Alternatives for the first GPU session are in
+# ``CANDIDATE_CONFIGS`` (all compile without spills, tests/test_attention_gluon_bwd_compile.py).
+_Cfg = tuple[int, int, int, int]
+DEFAULT_CONFIG: dict[int, _Cfg] = {64: (128, 64, 2, 2), 128: (64, 64, 2, 2)}
+CANDIDATE_CONFIGS: dict[int, tuple[_Cfg, ...]] = {
+    64: ((128, 64, 2, 2), (64, 64, 2, 2), (64, 64, 3, 2)),
+    128: ((64, 64, 2, 2), (64, 64, 3, 2), (64, 64, 2, 1)),
+}
+# maxnreg at launch (64K registers / SM over 4 + 4 + 1(4) warps) and each consumer's setmaxnreg.
+_REGS = {2: (168, 240), 1: (255, 255)}
+
+
+def enabled() -> bool:
+    """``FLASHMOE_ATTN_GLUON_BWD=1`` opts in (default off while the kernel is a draft)."""
+    return os.environ.get("FLASHMOE_ATTN_GLUON_BWD", "0").strip().lower() in ("1", "true", "yes")
+
+
+def smem_bytes(config: _Cfg, d: int, elem: int = 2) -> int:
+    """Shared memory of a program's tiles (the compiler adds barriers and scratch)."""
+    bm, bn, stages, consumers = config
+    ring = 2 * stages * bm * d * elem  # Q and dO
+    kv = 2 * consumers * bn * d * elem  # K and V (reused to stage dK / dV)
+    ds = consumers * bn * bm * elem
+    return ring + kv + ds
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the Gluon backward covers these dense (B, H, S, D) inputs on this device."""
+    if q.shape[-1] not in HEAD_DIMS or not launch_gluon.supported(q, k, v):
+        return False
+    return launch_gluon.supported(do, out, out) and do.dtype == q.dtype
+
+
+def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, config: _Cfg | None = None):
+    """Dense backward (caller checked ``supported``; S_q, S_k > 0).
+
+    Args:
+        do, q, out: (B, H, S_q, D); k, v: (B, H_kv, S_k, D); lse: float32 (B, H, S_q), natural
+            log, from the forward (-inf for rows that saw no key).
+    Returns:
+        (dq, dk, dv) with the shapes and dtypes of q, k, v (dk, dv contiguous).
+    """
+    from . import launch_bwd
+    from .kernels import bwd as _triton_k
+    from .kernels import bwd_gluon
+
+    b, h, s_q, d = q.shape
+    h_kv, s_k = k.shape[1], k.shape[2]
+    assert d in HEAD_DIMS, f"head dim {d}: not covered by the Gluon backward"
+    bm, bn, stages, consumers = config if config is not None else DEFAULT_CONFIG[d]
+    s_pad = triton.cdiv(s_q, _S_PAD) * _S_PAD
+    dev = q.device
+
+    delta = torch.zeros((b, h, s_pad), dtype=torch.float32, device=dev)
+    num_bh = b * h
+    _triton_k._bwd_preprocess[(triton.cdiv(s_q, _PRE_BLOCK_M), *launch_bwd._bh_axes(num_bh))](
+        out, do, delta, lse, *out.stride()[:3], *do.stride()[:3], *delta.stride(), s_q, h, num_bh,
+        HEAD_DIM=d, BLOCK_D=d, BLOCK_M=_PRE_BLOCK_M, IS_VARLEN=False,
+    )  # fmt: skip
+    lse2 = torch.full((b, h, s_pad), math.inf, dtype=torch.float32, device=dev)
+    lse2[..., :s_q] = torch.where(torch.isneginf(lse), math.inf, lse * _LOG2E)
+    dq_acc = torch.zeros((b, h, s_q, d), dtype=torch.float32, device=dev)
+    dk = torch.empty((b, h_kv, s_k, d), dtype=k.dtype, device=dev)
+    dv = torch.empty((b, h_kv, s_k, d), dtype=v.dtype, device=dev)
+
+    desc = launch_gluon._descriptor
+    grid = (triton.cdiv(s_k, consumers * bn) * b * h_kv,)
+    maxnreg, consumer_regs = _REGS[consumers]
+    bwd_gluon.attn_bwd_gluon_kernel[grid](
+        desc(q, bm), desc(do, bm), desc(k, bn), desc(v, bn), desc(dk, bn), desc(dv, bn),
+        lse2, delta, lse2.stride(0), lse2.stride(1), dq_acc, *dq_acc.stride()[:3],
+        h_kv, h // h_kv, s_q, s_k, scale * _LOG2E, scale,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
+        CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+    )  # fmt: skip
+    dq = dq_acc.mul_(scale).to(q.dtype)
+    return dq, dk, dv
