@@ -167,7 +167,6 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem
             st_tok = warpgroup_mma(k, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             row_off = off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + m0
             lse2 = gl.load(Lse2 + row_off + qcols)
-            delta = gl.load(Delta + row_off + qcols)
             mbarrier.wait(do_ready.index(s), ph)
             dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             st = warpgroup_mma_wait(1, deps=(st_tok,))
@@ -180,15 +179,17 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem
                 pt = gl.where(keep, pt, 0.0)
             p_op = gl.convert_layout(pt.to(dtype), a_layout)
             dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+            delta = gl.load(Delta + row_off + qcols)
             dpt = warpgroup_mma_wait(1, deps=(dpt_tok,))
-            dst = (pt * (dpt - delta[None, :])).to(dtype)
-            ds_op = gl.convert_layout(dst, a_layout)
-            dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
-            # dQ = dS K: dS^T goes through shared memory and is read transposed.
-            ds_tile.store(dst)
+            # dS^T goes through shared memory: the A operand of dK += dS^T Q, and read transposed,
+            # of dQ = dS K (no second register copy of dS).
+            ds_tile.store((pt * (dpt - delta[None, :])).to(dtype))
             fence_async_shared()
+            dk_tok = warpgroup_mma(ds_tile, q, dk, is_async=True)
+            # dQ's accumulator does not fit beside in-flight dK/dV MMAs: they retire first.
+            dv, dk, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op))
             dq_tok = warpgroup_mma(ds_tile.permute((1, 0)), k, dq_zero, use_acc=False, is_async=True)
-            dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
+            dq = warpgroup_mma_wait(0, deps=(dq_tok,))
             mbarrier.arrive(empty.index(s), count=1)
             rows_q = m0 + dq_rows
             dq_ptrs = (DQ + off_b.to(gl.int64) * stride_dqb + off_h.to(gl.int64) * stride_dqh
