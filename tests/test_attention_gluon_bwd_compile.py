@@ -1,0 +1,113 @@
+"""Compile the draft Gluon attention backward for sm_90 on the CPU (Triton's bundled ptxas, no GPU).
+
+Gluon has no interpreter, so CPU CI cannot run the kernel; compiling every candidate config
+(``launch_bwd_gluon.CANDIDATE_CONFIGS``) catches front-end, layout and ptxas errors,
+shared-memory overruns and register spills before the GPU machine does. Runs in a subprocess
+(conftest sets ``TRITON_INTERPRET=1`` on CPU machines) with a stand-in driver reporting an sm_90
+target; ``warmup`` compiles without launching. ptxas's own ``-v`` report gives the spill bytes
+(the PTX has no ``st.local``: ptxas spills after it); configs listed in
+``launch_bwd_gluon.SPILLING`` may spill, every other one must not (beyond 16 bytes: D128 full at
+the default config has 12 bytes of spill stores in an 8-byte stack frame, as the shipped Gluon
+forward has 12 bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import triton
+
+_SCRIPT = textwrap.dedent(
+    """
+    import os, re, subprocess, sys, tempfile
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Sm90:  # enough of a driver for JITFunction.warmup to compile
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(Sm90())
+    from flashmoe_science.ops.attention import launch_bwd_gluon as L, launch_gluon
+    from flashmoe_science.ops.attention.kernels import bwd_gluon
+
+    d, causal = int(sys.argv[1]), sys.argv[2] == "causal"
+    dtype = torch.float16 if sys.argv[3] == "fp16" else torch.bfloat16
+    q = torch.empty(2, 4, 1000, d, dtype=dtype)
+    kv = torch.empty(2, 2, 777, d, dtype=dtype)
+    lse2 = torch.empty(2, 4, 1024)
+    dq = torch.empty(2, 4, 1000, d)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        ptxas = "ptxas"
+    desc = launch_gluon._descriptor
+    assert L.DEFAULT_CONFIG[d] in L.CANDIDATE_CONFIGS[d]
+    assert (d, L.DEFAULT_CONFIG[d]) not in L.SPILLING
+    for config in L.CANDIDATE_CONFIGS[d]:
+        bm, bn, stages, consumers = config
+        maxnreg, regs = L._REGS[consumers]
+        k = bwd_gluon.attn_bwd_gluon_kernel.warmup(
+            desc(q, bm), desc(q, bm), desc(kv, bn), desc(kv, bn), desc(kv, bn), desc(kv, bn),
+            lse2, lse2, lse2.stride(0), lse2.stride(1), dq, *dq.stride()[:3], 2, 2, 1000, 777, 0.1, 0.1,
+            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers, CAUSAL=causal,
+            CONSUMER_REGS=regs, num_warps=4, maxnreg=maxnreg, grid=(1,),
+        )
+        assert k.asm["cubin"], "no cubin"
+        assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+        assert k.metadata.shared >= L.smem_bytes(config, d), (k.metadata.shared, L.smem_bytes(config, d))
+        assert "st.local" not in k.asm["ptx"], "register spills in PTX"
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(k.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+        os.unlink(f.name)
+        regs_used = int(re.findall(r"Used (\\d+) registers", log)[-1])
+        spill = int(re.findall(r"(\\d+) bytes spill stores", log)[-1])
+        print("config", config, "regs", regs_used, "spill", spill, "smem", k.metadata.shared)
+        if (d, config) not in L.SPILLING:
+            # At most a few words (ptxas's 8-byte stack frame; the shipped Gluon forward has 12 B).
+            assert spill <= 16, (config, log[-800:])
+    print("ok")
+    """
+)
+
+
+def _ptxas_available() -> bool:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.exists(path) or shutil.which("ptxas") is not None
+
+
+CASES = [
+    (128, "full", "bf16"),
+    (128, "causal", "fp16"),
+    (64, "full", "fp16"),
+    (64, "causal", "bf16"),
+]
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's ptxas is not installed")
+@pytest.mark.parametrize("head_dim, mask, dtype", CASES)
+def test_gluon_attention_bwd_compiles_for_sm90(head_dim, mask, dtype):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # This checkout's sources, not whichever copy the environment has installed (a git worktree).
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    res = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(head_dim), mask, dtype], env=env, capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    print(res.stdout)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
