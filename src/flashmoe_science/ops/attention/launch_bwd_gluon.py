@@ -47,7 +47,7 @@ CANDIDATE_CONFIGS: dict[int, tuple[_Cfg, ...]] = {
     128: ((64, 64, 2, 1), (64, 64, 3, 1), (64, 64, 2, 2), (64, 64, 3, 2)),
 }
 SPILLING: frozenset[tuple[int, _Cfg]] = frozenset(
-    {(64, (128, 64, 2, 2)), (128, (64, 64, 2, 2)), (128, (64, 64, 3, 2))}
+    {(64, (128, 64, 2, 2)), (128, (64, 64, 2, 2)), (128, (64, 64, 3, 2)), (128, (64, 64, 3, 1))}
 )
 # maxnreg at launch (64K registers / SM over 4 + 4 + 1(4) warps) and each consumer's setmaxnreg.
 _REGS = {2: (168, 240), 1: (255, 255)}
