@@ -1,0 +1,108 @@
+"""Draft Gluon attention backward (``launch_bwd_gluon``) on a Hopper GPU: dq/dk/dv against the
+float64 autograd oracle by DESIGN.md's rule (3x the same-dtype error + a rounding floor).
+
+NOT RUN YET (written without a GPU, 2026-11-26). Run: ``pytest -m gpu
+tests/gpu/test_gpu_attention_bwd_gluon.py`` on an sm_90 machine. Every candidate config of
+``launch_bwd_gluon.CANDIDATE_CONFIGS`` is checked at one shape; the defaults over D 64/128 x
+full/causal x MHA/GQA x odd lengths (S_q < S_k, S_q > S_k, S = 1), both dtypes. Outputs are
+NaN-poisoned allocations, so a tile the kernel never writes fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from _attention import check_grads, reference_grads
+
+from flashmoe_science.ops.attention import launch_bwd, launch_bwd_gluon, reference
+
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _hopper(), reason="needs an sm_90 (Hopper) GPU")]
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _poison_allocations(monkeypatch):
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
+
+
+def _check(b, h, h_kv, s_q, s_k, d, causal, dtype, monkeypatch, config=None):
+    q = torch.randn(b, h, s_q, d, dtype=dtype, device="cuda")
+    k = torch.randn(b, h_kv, s_k, d, dtype=dtype, device="cuda")
+    v = torch.randn(b, h_kv, s_k, d, dtype=dtype, device="cuda")
+    scale = 1.0 / math.sqrt(d)
+    out, lse = reference.attention_ref(q, k, v, causal, scale)
+    do = torch.randn_like(q)
+    assert launch_bwd_gluon.supported(q, k, v, do, out)
+    _poison_allocations(monkeypatch)
+    grads = launch_bwd_gluon.attention_bwd_gluon(do, q, k, v, out, lse, causal, scale, config=config)
+    torch.cuda.synchronize()
+    monkeypatch.undo()
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+
+
+# (B, H, H_kv, S_q, S_k): block multiples, odd lengths with S_q < S_k and S_q > S_k (causal: the
+# first S_q - S_k rows see no key), GQA 4:1, MQA, a single query row.
+SHAPES = [
+    (2, 4, 4, 256, 256),
+    (2, 4, 4, 300, 517),
+    (1, 8, 2, 517, 300),
+    (2, 8, 2, 1000, 1000),
+    (1, 4, 1, 1, 333),
+    (1, 2, 2, 77, 77),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", launch_bwd_gluon.HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gluon_bwd_grads(dtype, d, causal, shape, monkeypatch):
+    _check(*shape, d, causal, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "d, config",
+    [(d, c) for d, cs in launch_bwd_gluon.CANDIDATE_CONFIGS.items() for c in cs],
+    ids=lambda x: str(x).replace(" ", ""),
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gluon_bwd_candidate_configs(d, config, causal, monkeypatch):
+    _check(1, 8, 2, 333, 711, d, causal, torch.bfloat16, monkeypatch, config=config)
+
+
+def test_env_switch_routes_to_gluon(monkeypatch):
+    """``FLASHMOE_ATTN_GLUON_BWD=1`` sends ``launch_bwd.attention_bwd`` to the Gluon kernel
+    (and deterministic mode keeps it on the Triton kernels)."""
+    calls = []
+    real = launch_bwd_gluon.attention_bwd_gluon
+    monkeypatch.setattr(
+        launch_bwd_gluon, "attention_bwd_gluon", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    monkeypatch.setenv("FLASHMOE_ATTN_GLUON_BWD", "1")
+    monkeypatch.setenv("FLASHMOE_ATTN_BWD_TUNE", "0")
+    q = torch.randn(1, 4, 200, 128, dtype=torch.bfloat16, device="cuda")
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    scale = 1.0 / math.sqrt(128)
+    out, lse = reference.attention_ref(q, k, v, True, scale)
+    do = torch.randn_like(q)
+    grads = launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale)
+    assert calls == [1]
+    check_grads(grads, *reference_grads(q, k, v, do, True, scale, reference.attention_ref))
+    monkeypatch.setenv("FLASHMOE_DETERMINISTIC", "1")
+    launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale)
+    assert calls == [1]
+    assert os.environ["FLASHMOE_ATTN_GLUON_BWD"] == "1"
