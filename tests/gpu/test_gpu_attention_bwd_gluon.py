@@ -20,7 +20,6 @@ from _attention import check_grads, reference_grads
 from flashmoe_science.ops.attention import launch_bwd, launch_bwd_gluon, reference
 
 
-
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
