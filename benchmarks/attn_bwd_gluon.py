@@ -1,0 +1,161 @@
+"""Draft Gluon attention backward (``launch_bwd_gluon``) against the Triton backward and SDPA's
+cuDNN / flash backends: a check phase, then backward-only timings at issue 4's cases.
+
+NOT RUN YET (written without a GPU, 2026-11-26). On an sm_90 machine:
+
+    PYTHONPATH=src:. python3 -m benchmarks.attn_bwd_gluon --phase check       # gradients, per config
+    PYTHONPATH=src:. python3 -m benchmarks.attn_bwd_gluon --phase bench --out benchmarks/results
+
+check  every candidate config (``launch_bwd_gluon.CANDIDATE_CONFIGS``) at a small GQA causal
+       and full shape, each in a subprocess with a timeout (a deadlocked mbarrier ring costs one
+       config, not the run), against the float64 reference by the DESIGN.md rule.
+bench  backward TFLOP/s (2.5 x forward FLOPs / backward time, issue 4's convention; out/lse from
+       PyTorch's flash forward) for SDPA cuDNN, SDPA flash, the Triton backward
+       (``FLASHMOE_ATTN_BWD_TUNE=0``, its default configs) and each Gluon config; the Gluon
+       times include its preprocess, lse conversion and dQ scale/cast. Writes
+       ``attention_bwd-gluon-<stamp>.json`` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+# (name, B, H, H_kv, S, D, causal): issue 4's table (16k tokens) and the D64 points.
+CASES = [
+    ("D128 2k full", 8, 16, 16, 2048, 128, False),
+    ("D128 8k full", 2, 16, 16, 8192, 128, False),
+    ("D128 2k causal", 8, 16, 16, 2048, 128, True),
+    ("D128 8k causal", 2, 16, 16, 8192, 128, True),
+    ("D128 GQA 32:8 4k causal", 4, 32, 8, 4096, 128, True),
+    ("D64 4k full", 4, 32, 32, 4096, 64, False),
+    ("D64 4k causal", 4, 32, 32, 4096, 64, True),
+]
+CHECK_SHAPES = [(1, 8, 2, 333, 711, False), (1, 8, 2, 333, 711, True), (2, 4, 4, 517, 300, True)]
+
+
+def _check_one(d: int, cfg: tuple[int, ...]) -> None:
+    sys.path.insert(0, "tests")
+    from _attention import check_grads, reference_grads
+
+    from flashmoe_science.ops.attention import launch_bwd_gluon, reference
+
+    for b, h, h_kv, s_q, s_k, causal in CHECK_SHAPES:
+        for dtype in (torch.float16, torch.bfloat16):
+            q = torch.randn(b, h, s_q, d, dtype=dtype, device="cuda")
+            k = torch.randn(b, h_kv, s_k, d, dtype=dtype, device="cuda")
+            v = torch.randn_like(k)
+            scale = 1.0 / math.sqrt(d)
+            out, lse = reference.attention_ref(q, k, v, causal, scale)
+            do = torch.randn_like(q)
+            grads = launch_bwd_gluon.attention_bwd_gluon(do, q, k, v, out, lse, causal, scale, config=cfg)
+            torch.cuda.synchronize()
+            check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+    print("ok")
+
+
+def check(timeout: int) -> dict:
+    from flashmoe_science.ops.attention import launch_bwd_gluon
+
+    res = {}
+    for d, cfgs in launch_bwd_gluon.CANDIDATE_CONFIGS.items():
+        for cfg in cfgs:
+            arg = ",".join(map(str, (d, *cfg)))
+            try:
+                p = subprocess.run([sys.executable, "-m", "benchmarks.attn_bwd_gluon", "--check-one", arg],
+                                   capture_output=True, text=True, timeout=timeout)  # fmt: skip
+                ok = p.returncode == 0 and "ok" in p.stdout
+                res[arg] = "pass" if ok else "FAIL " + (p.stderr or p.stdout)[-600:]
+            except subprocess.TimeoutExpired:
+                res[arg] = f"TIMEOUT {timeout}s (deadlock?)"
+            print(f"D{d} {cfg}: {res[arg][:300]}", flush=True)
+    return res
+
+
+def bench(out_dir: str, only_passed: dict | None) -> None:
+    import triton
+    from torch.nn.attention import SDPBackend
+
+    from benchmarks.attn_bwd_tune import _out_lse, _sdpa_grad_fn
+    from flashmoe_science.ops.attention import launch_bwd, launch_bwd_gluon
+
+    os.environ["FLASHMOE_ATTN_BWD_TUNE"] = "0"
+    rows = []
+    for name, b, h, h_kv, s, d, causal in CASES:
+        q = torch.randn(b, h, s, d, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(b, h_kv, s, d, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        do = torch.randn_like(q)
+        scale = 1.0 / math.sqrt(d)
+        out, lse = _out_lse(q, k, v, causal, scale)
+        flops = 2.5 * 4.0 * b * h * s * s * d / (2 if causal else 1)
+        impls = {}
+        for label, backend in (
+            ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+        ):
+            try:
+                impls[label] = _sdpa_grad_fn(backend, q, k, v, do, causal, scale)[0]
+            except RuntimeError as e:  # e.g. a backend without GQA
+                print(f"{name} {label}: {e}", flush=True)
+        args = (do, q, k, v, out, lse, causal, scale)
+        impls["triton"] = functools.partial(launch_bwd.attention_bwd, *args)
+        for cfg in launch_bwd_gluon.CANDIDATE_CONFIGS[d]:
+            key = ",".join(map(str, (d, *cfg)))
+            if only_passed is not None and only_passed.get(key) != "pass":
+                continue
+            impls[f"gluon{cfg}"] = functools.partial(launch_bwd_gluon.attention_bwd_gluon, *args, config=cfg)
+        res = {}
+        for label, fn in impls.items():
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            res[label] = {"ms": ms, "tflops": flops / ms / 1e9}
+        gluon = [r["tflops"] for k, r in res.items() if k.startswith("gluon")]
+        cudnn = res.get("sdpa_cudnn", {}).get("tflops")
+        ratio = f"  best gluon x cuDNN {max(gluon) / cudnn:.2f}" if gluon and cudnn else ""
+        print(f"{name}: " + " ".join(f"{k} {r['tflops']:.1f}" for k, r in res.items()) + ratio, flush=True)
+        case = {"case": name, "B": b, "H": h, "H_kv": h_kv, "S": s, "D": d, "causal": causal}
+        rows.append({**case, "results": res})
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%MZ")
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "dtype": "bfloat16",
+        "metric": "backward TFLOP/s = 2.5 x fwd FLOPs / bwd time (median, do_bench rep=100)",
+        "command": "PYTHONPATH=src:. python3 -m benchmarks.attn_bwd_gluon --phase bench",
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"attention_bwd-gluon-{stamp}.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print("wrote", path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--phase", choices=("all", "check", "bench"), default="all")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--timeout", type=int, default=300)
+    p.add_argument("--check-one", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.check_one:
+        d, *cfg = (int(x) for x in a.check_one.split(","))
+        _check_one(d, tuple(cfg))
+        return 0
+    passed = check(a.timeout) if a.phase in ("all", "check") else None
+    if a.phase in ("all", "bench"):
+        bench(a.out, passed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
