@@ -61,7 +61,9 @@ _SCRIPT = textwrap.dedent(
         maxnreg, regs = L._REGS[consumers]
         k = bwd_gluon.attn_bwd_gluon_kernel.warmup(
             desc(q, bm), desc(q, bm), desc(kv, bn), desc(kv, bn), desc(kv, bn), desc(kv, bn),
-            lse2, lse2, lse2.stride(0), lse2.stride(1), dq, *dq.stride()[:3], 2, 2, 1000, 777, 0.1, 0.1,
+            L._dq_descriptor(dq, bm, d // consumers), L._row_descriptor(lse2, bm),
+            L._row_descriptor(lse2, bm),
+            2, 2, 1000, 777, 0.1, 0.1,
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers, CAUSAL=causal,
             CONSUMER_REGS=regs, num_warps=4, maxnreg=maxnreg, grid=(1,),
         )

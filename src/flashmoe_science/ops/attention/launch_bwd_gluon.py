@@ -44,7 +44,7 @@ _Cfg = tuple[int, int, int, int]
 DEFAULT_CONFIG: dict[int, _Cfg] = {64: (64, 64, 2, 2), 128: (64, 64, 2, 1)}
 CANDIDATE_CONFIGS: dict[int, tuple[_Cfg, ...]] = {
     64: ((64, 64, 2, 2), (64, 64, 3, 2), (64, 64, 2, 1), (128, 64, 2, 2)),
-    128: ((64, 64, 2, 1), (64, 64, 3, 1), (64, 64, 2, 2), (64, 64, 3, 2)),
+    128: ((64, 64, 2, 1), (64, 64, 3, 1), (64, 64, 2, 2)),
 }
 SPILLING: frozenset[tuple[int, _Cfg]] = frozenset(
     {(64, (128, 64, 2, 2)), (128, (64, 64, 2, 2)), (128, (64, 64, 3, 2)), (128, (64, 64, 3, 1))}
@@ -63,8 +63,9 @@ def smem_bytes(config: _Cfg, d: int, elem: int = 2) -> int:
     bm, bn, stages, consumers = config
     ring = 2 * stages * bm * d * elem  # Q and dO
     kv = 2 * consumers * bn * d * elem  # K and V (reused to stage dK / dV)
-    ds = consumers * bn * bm * elem
-    return ring + kv + ds
+    ds = 2 * consumers * bn * bm * elem  # dS^T, double-buffered
+    dq = bm * d * 4  # float32 dQ tiles staged for the TMA reduction
+    return ring + kv + ds + dq
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, out: torch.Tensor) -> bool:
@@ -72,6 +73,27 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tenso
     if q.shape[-1] not in HEAD_DIMS or not launch_gluon.supported(q, k, v):
         return False
     return launch_gluon.supported(do, out, out) and do.dtype == q.dtype
+
+
+def _dq_descriptor(dq_acc: torch.Tensor, rows: int, cols: int):
+    """TMA descriptor over the float32 (B, H, S_q, D) dQ accumulator, (1, 1, rows, cols) boxes
+    (each consumer reduces its ``cols`` = D / consumers columns of a query tile)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    block = [1, 1, rows, cols]
+    return TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), block,
+                            gl.NVMMASharedLayout.get_default_for(block, gl.float32))  # fmt: skip
+
+
+def _row_descriptor(t: torch.Tensor, rows: int):
+    """TMA descriptor over a float32 (B, H, S_pad) per-row buffer (lse2, delta), (1, 1, rows)
+    boxes, unswizzled: the consumers read a box back in the layout of a score tile's columns."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows], layout)
 
 
 def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, config: _Cfg | None = None):
@@ -103,6 +125,7 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
     lse2 = torch.full((b, h, s_pad), math.inf, dtype=torch.float32, device=dev)
     lse2[..., :s_q] = torch.where(torch.isneginf(lse), math.inf, lse * _LOG2E)
     dq_acc = torch.zeros((b, h, s_q, d), dtype=torch.float32, device=dev)
+    dq_desc = _dq_descriptor(dq_acc, bm, d // consumers)
     dk = torch.empty((b, h_kv, s_k, d), dtype=k.dtype, device=dev)
     dv = torch.empty((b, h_kv, s_k, d), dtype=v.dtype, device=dev)
 
@@ -111,7 +134,7 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
     maxnreg, consumer_regs = _REGS[consumers]
     bwd_gluon.attn_bwd_gluon_kernel[grid](
         desc(q, bm), desc(do, bm), desc(k, bn), desc(v, bn), desc(dk, bn), desc(dv, bn),
-        lse2, delta, lse2.stride(0), lse2.stride(1), dq_acc, *dq_acc.stride()[:3],
+        dq_desc, _row_descriptor(lse2, bm), _row_descriptor(delta, bm),
         h_kv, h // h_kv, s_q, s_k, scale * _LOG2E, scale,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
         CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,

@@ -42,8 +42,10 @@ a GPU. Grids and configs live in ``launch_bwd_gluon``.
 
 from __future__ import annotations
 
+from triton._C.libtriton import ir as _ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin as _builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -51,6 +53,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+
+
+@_builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """TMA reduce-add of a shared-memory tile into global memory (``cp.reduce.async.bulk.tensor``,
+    float32 add in L2; rows past the descriptor's shape are clipped), committed to the bulk
+    group that ``tma.store_wait`` waits on. Triton 3.6's Gluon exposes the op only through its
+    builder (``tt.descriptor_reduce`` lowers to the same op)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(
+        _ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle
+    )
 
 
 @gluon.jit
@@ -76,8 +90,8 @@ def _program(H_KV, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.conste
 
 
 @gluon.jit
-def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
-              empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
+              delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
     """One warp: the program's K/V slices, then (Q, dO) tiles of every (query head, query block)
     into the ring."""
@@ -98,25 +112,33 @@ def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, 
         ph = (it // NUM_STAGES) & 1
         # Fresh barriers count as having completed phase 1: the first wait on each slot passes.
         mbarrier.wait(empty.index(s), ph ^ 1)
-        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + lse_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [off_b, off_h, m0, 0], q_ready.index(s), q_smem.index(s))
-        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(lse_desc, [off_b, off_h, m0], q_ready.index(s), lse_smem.index(s))
+        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes + delta_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(do_desc, [off_b, off_h, m0, 0], do_ready.index(s), do_smem.index(s))
+        tma.async_copy_global_to_shared(
+            delta_desc, [off_b, off_h, m0], do_ready.index(s), delta_smem.index(s)
+        )
 
 
 @gluon.jit
-def _consumer(C: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready,
-              do_ready, empty, Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs,
-              H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
+              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP,
+              seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
               CAUSAL: gl.constexpr):  # fmt: skip
-    """One warpgroup: key rows [kn0, kn0 + BLOCK_N), kn0 = n0 + C * BLOCK_N."""
+    """One warpgroup: key rows [kn0, kn0 + BLOCK_N), kn0 = n0 + C * BLOCK_N; dQ columns
+    [C * DQ_COLS, (C + 1) * DQ_COLS) of every query tile, over all of the program's keys."""
     dtype: gl.constexpr = dk_desc.dtype
-    # S^T / dP^T: (BLOCK_N keys, BLOCK_M queries). dK / dV: (BLOCK_N, D). dQ: (BLOCK_M, D).
+    DQ_COLS: gl.constexpr = HEAD_DIM // NUM_CONSUMERS
+    # S^T / dP^T: (BLOCK_N keys, BLOCK_M queries). dK / dV: (BLOCK_N, D). dQ: (BLOCK_M, DQ_COLS).
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])  # fmt: skip
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQ_COLS, 16])  # fmt: skip
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
     key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     qry_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -125,29 +147,24 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem
                                               CAUSAL)  # fmt: skip
     kn0 = n0 + C * BLOCK_N
     diag = seqlen_k - seqlen_q
-    # Keys past S_k are zero rows of K/V, but P there is exp2(-lse2), which may overflow:
-    # the ragged tail is masked, and a slice wholly past S_k computes nothing.
+    # Keys past S_k are zero rows of K/V, but P there is exp2(-lse2), which may overflow: the
+    # ragged tail is masked (a slice wholly past S_k computes zeros: its dS feeds the shared dQ).
     tail = kn0 + BLOCK_N > seqlen_k
     if CAUSAL:
-        # Query blocks below c_lo see none of these keys; from mb_free on they see all of them.
-        c_lo = gl.maximum(kn0 - diag, 0) // BLOCK_M
+        # From query block mb_free on, every query row sees all of these keys.
         mb_free = gl.cdiv(gl.maximum(kn0 + BLOCK_N - 1 - diag, 0), BLOCK_M)
     else:
-        c_lo = kn0 * 0
         mb_free = kn0 * 0
-    c_lo = gl.where(kn0 >= seqlen_k, 1 << 30, c_lo)
 
     k_tile = k_smem.index(C)
     v_tile = v_smem.index(C)
     k = k_tile.reshape([BLOCK_N, HEAD_DIM])
     v = v_tile.reshape([BLOCK_N, HEAD_DIM])
-    ds_tile = ds_smem.index(C)
+    dq_tile = dq_smem.index(C)
     keys = kn0 + gl.arange(0, BLOCK_N, key_layout)
     qcols = gl.arange(0, BLOCK_M, qry_layout)
-    dq_rows = gl.arange(0, BLOCK_M, gl.SliceLayout(1, kv_layout))
-    dq_cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, kv_layout))
     s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-    dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, kv_layout)
+    dq_zero = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout)
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
 
@@ -158,48 +175,64 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem
         m0 = mb * BLOCK_M
         s = it % NUM_STAGES
         ph = (it // NUM_STAGES) & 1
-        # Waiting even for a tile it skips keeps this consumer within NUM_STAGES of the producer
-        # (arriving on a slot's ``empty`` twice in one phase would corrupt the ring).
+        buf = it % 2
+        bph = (it // 2) & 1
         mbarrier.wait(q_ready.index(s), ph)
-        if mb >= c_lo:
-            q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-            do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-            st_tok = warpgroup_mma(k, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            row_off = off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh + m0
-            lse2 = gl.load(Lse2 + row_off + qcols)
-            mbarrier.wait(do_ready.index(s), ph)
-            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            st = warpgroup_mma_wait(1, deps=(st_tok,))
-            pt = gl.exp2(st * qk_scale - lse2[None, :])
-            if tail | (mb < mb_free):
-                rows = m0 + qcols
-                keep = keys[:, None] < seqlen_k
-                if CAUSAL:
-                    keep = keep & (keys[:, None] <= rows[None, :] + diag)
-                pt = gl.where(keep, pt, 0.0)
-            p_op = gl.convert_layout(pt.to(dtype), a_layout)
-            dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
-            delta = gl.load(Delta + row_off + qcols)
-            dpt = warpgroup_mma_wait(1, deps=(dpt_tok,))
-            # dS^T goes through shared memory: the A operand of dK += dS^T Q, and read transposed,
-            # of dQ = dS K (no second register copy of dS).
-            ds_tile.store((pt * (dpt - delta[None, :])).to(dtype))
-            fence_async_shared()
-            dk_tok = warpgroup_mma(ds_tile, q, dk, is_async=True)
-            # dQ's accumulator does not fit beside in-flight dK/dV MMAs: they retire first.
-            dv, dk, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op))
-            dq_tok = warpgroup_mma(ds_tile.permute((1, 0)), k, dq_zero, use_acc=False, is_async=True)
-            dq = warpgroup_mma_wait(0, deps=(dq_tok,))
-            mbarrier.arrive(empty.index(s), count=1)
-            rows_q = m0 + dq_rows
-            dq_ptrs = (DQ + off_b.to(gl.int64) * stride_dqb + off_h.to(gl.int64) * stride_dqh
-                       + rows_q.to(gl.int64)[:, None] * stride_dqs + dq_cols[None, :])  # fmt: skip
-            dq_mask = (rows_q[:, None] < seqlen_q) & (dq_cols[None, :] < HEAD_DIM)
-            gl.atomic_add(dq_ptrs, dq, mask=dq_mask, sem="relaxed")
-        else:
-            mbarrier.arrive(empty.index(s), count=1)
+        q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        st_tok = warpgroup_mma(k, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        lse2 = lse_smem.index(s).reshape([BLOCK_M]).load(qry_layout)
+        mbarrier.wait(do_ready.index(s), ph)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(1, deps=(st_tok,))
+        pt = gl.exp2(st * qk_scale - lse2[None, :])
+        if tail | (mb < mb_free):
+            rows = m0 + qcols
+            keep = keys[:, None] < seqlen_k
+            if CAUSAL:
+                keep = keep & (keys[:, None] <= rows[None, :] + diag)
+            pt = gl.where(keep, pt, 0.0)
+        p_op = gl.convert_layout(pt.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+        delta = delta_smem.index(s).reshape([BLOCK_M]).load(qry_layout)
+        # dP^T and dV both retire here: P^T's registers are free before dS^T is formed.
+        dpt, dv, p_op = warpgroup_mma_wait(0, deps=(dpt_tok, dv_tok, p_op))
+        # dS^T goes through shared memory: the A operand of dK += dS^T Q, and, read transposed,
+        # of every consumer's dQ columns (no second register copy of dS). The slot of two tiles
+        # ago must have been read by all consumers.
+        ds_tile = ds_smem.index(buf * NUM_CONSUMERS + C)
+        if NUM_CONSUMERS > 1:
+            mbarrier.wait(ds_empty.index(buf), bph ^ 1)
+        ds_tile.store((pt * (dpt - delta[None, :])).to(dtype))
+        fence_async_shared()
+        dk_tok = warpgroup_mma(ds_tile, q, dk, is_async=True)
+        if NUM_CONSUMERS > 1:
+            mbarrier.arrive(ds_full.index(buf), count=1)
+            mbarrier.wait(ds_full.index(buf), bph)
+        # dQ[:, C * DQ_COLS:] (unscaled) = sum over the program's key slices of dS K.
+        dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS).permute((1, 0)),
+                               k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
+                               dq_zero, use_acc=False, is_async=True)  # fmt: skip
+        for c2 in gl.static_range(1, NUM_CONSUMERS):
+            dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS + c2).permute((1, 0)),
+                                   k_smem.index(c2).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
+                                   dq_tok, is_async=True)  # fmt: skip
+        dk, dq = warpgroup_mma_wait(0, deps=(dk_tok, dq_tok))
+        mbarrier.arrive(empty.index(s), count=1)
+        if NUM_CONSUMERS > 1:
+            mbarrier.arrive(ds_empty.index(buf), count=1)
+        # The previous tile's reduction must have read dq_tile before it is overwritten.
+        tma.store_wait(0)
+        dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
+        fence_async_shared()
+        _tma_reduce_add(dq_desc, [off_b, off_h, m0, C * DQ_COLS], dq_tile)
 
-    # Epilogue: dK (scaled) and dV through the consumer's own K / V buffers (dead by now).
+    # Epilogue: dK (scaled) and dV through the consumer's own K / V buffers. Every consumer's
+    # last dQ MMA read them: wait until all have passed the last tile.
+    if NUM_CONSUMERS > 1:
+        last = GROUP * n_mb - 1
+        lastc = gl.maximum(last, 0)
+        mbarrier.wait(ds_empty.index(lastc % 2), (lastc // 2) & 1, pred=last >= 0)
     k_tile.reshape([BLOCK_N, HEAD_DIM]).store((dk * scale).to(dtype))
     v_tile.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
     fence_async_shared()
@@ -209,31 +242,30 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem
 
 
 @gluon.jit
-def _consumer0(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready, do_ready, empty,
-               Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs, H_KV, GROUP, seqlen_q,
+def _consumer0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready, q_ready,
+               do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
-    _consumer(0, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready, do_ready, empty,
-              Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs, H_KV, GROUP, seqlen_q,
-              seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
+    _consumer(0, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
+              q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP,
+              seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
               CAUSAL)  # fmt: skip
 
 
 @gluon.jit
-def _consumer1(dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready, do_ready, empty,
-               Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs, H_KV, GROUP, seqlen_q,
+def _consumer1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready, q_ready,
+               do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
-    _consumer(1, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready, do_ready, empty,
-              Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh, stride_dqs, H_KV, GROUP, seqlen_q,
-              seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
+    _consumer(1, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
+              q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP,
+              seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
               CAUSAL)  # fmt: skip
 
 
 @gluon.jit
 def attn_bwd_gluon_kernel(
-    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, Lse2, Delta, stride_lb, stride_lh,
-    DQ, stride_dqb, stride_dqh, stride_dqs,
+    q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, lse_desc, delta_desc,
     H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
@@ -253,13 +285,27 @@ def attn_bwd_gluon_kernel(
     k_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + v_desc.block_type.shape, v_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
-    ds_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, BLOCK_N, BLOCK_M], ds_layout)
+    # dS^T of every consumer, double-buffered by tile parity (all consumers read all of them).
+    ds_smem = gl.allocate_shared_memory(dtype, [2 * NUM_CONSUMERS, BLOCK_N, BLOCK_M], ds_layout)
+    lse_smem = gl.allocate_shared_memory(
+        gl.float32, [NUM_STAGES] + lse_desc.block_type.shape, lse_desc.layout
+    )
+    delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + delta_desc.block_type.shape,
+                                           delta_desc.layout)  # fmt: skip
+    dq_smem = gl.allocate_shared_memory(
+        gl.float32, [NUM_CONSUMERS] + dq_desc.block_type.shape, dq_desc.layout
+    )
     kv_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(kv_ready.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(ds_full.index(i), count=NUM_CONSUMERS)
+        mbarrier.init(ds_empty.index(i), count=NUM_CONSUMERS)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(do_ready.index(i), count=1)
@@ -269,16 +315,16 @@ def attn_bwd_gluon_kernel(
     if NUM_CONSUMERS == 2:
         gl.warp_specialize(
             [
-                (_consumer0, (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready,
-                              do_ready, empty, Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh,
-                              stride_dqs, H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
+                (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
+                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV,
+                               GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
                               HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL)),
-                (_consumer1, (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready,
-                              do_ready, empty, Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh,
-                              stride_dqs, H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
+                (_consumer1, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
+                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV,
+                               GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
                               HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL)),
-                (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
-                             do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
+                (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
+                             v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
             ],
             [4, 1],
@@ -287,12 +333,12 @@ def attn_bwd_gluon_kernel(
     else:
         gl.warp_specialize(
             [
-                (_consumer0, (dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_ready, q_ready,
-                              do_ready, empty, Lse2, Delta, stride_lb, stride_lh, DQ, stride_dqb, stride_dqh,
-                              stride_dqs, H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
+                (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
+                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV,
+                               GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
                               HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL)),
-                (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
-                             do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
+                (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
+                             v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
             ],
             [1],
