@@ -19,7 +19,6 @@ float32 dQ buffer with atomics; (4) dq = scale * buffer, cast (as ``launch_bwd``
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -116,14 +115,13 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
     s_pad = triton.cdiv(s_q, _S_PAD) * _S_PAD
     dev = q.device
 
-    delta = torch.zeros((b, h, s_pad), dtype=torch.float32, device=dev)
+    delta = torch.empty((b, h, s_pad), dtype=torch.float32, device=dev)
+    lse2 = torch.empty((b, h, s_pad), dtype=torch.float32, device=dev)
     num_bh = b * h
-    _triton_k._bwd_preprocess[(triton.cdiv(s_q, _PRE_BLOCK_M), *launch_bwd._bh_axes(num_bh))](
-        out, do, delta, lse, *out.stride()[:3], *do.stride()[:3], *delta.stride(), s_q, h, num_bh,
-        HEAD_DIM=d, BLOCK_D=d, BLOCK_M=_PRE_BLOCK_M, IS_VARLEN=False,
+    _triton_k._bwd_preprocess_padded[(s_pad // _PRE_BLOCK_M, *launch_bwd._bh_axes(num_bh))](
+        out, do, lse, delta, lse2, *out.stride()[:3], *do.stride()[:3], *lse.stride(), s_q, s_pad, h, num_bh,
+        HEAD_DIM=d, BLOCK_M=_PRE_BLOCK_M,
     )  # fmt: skip
-    lse2 = torch.full((b, h, s_pad), math.inf, dtype=torch.float32, device=dev)
-    lse2[..., :s_q] = torch.where(torch.isneginf(lse), math.inf, lse * _LOG2E)
     dq_acc = torch.zeros((b, h, s_q, d), dtype=torch.float32, device=dev)
     dq_desc = _dq_descriptor(dq_acc, bm, d // consumers)
     dk = torch.empty((b, h_kv, s_k, d), dtype=k.dtype, device=dev)
@@ -139,5 +137,4 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
         CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
-    dq = dq_acc.mul_(scale).to(q.dtype)
-    return dq, dk, dv
+    return dq_acc.to(q.dtype), dk, dv

@@ -89,6 +89,36 @@ def _pid_bh():
     return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
 
 
+@triton.jit(do_not_specialize=["seqlen_q", "S_PAD", "H", "NUM_BH"])
+def _bwd_preprocess_padded(
+    O, DO, LSE, DELTA, LSE2,
+    stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos, stride_lb, stride_lh, stride_ls,
+    seqlen_q, S_PAD, H, NUM_BH,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """For the Gluon backward (dense, power-of-two head dim): delta = rowsum(dO * O) and
+    lse2 = lse * log2(e) (+inf for rows that saw no key) into contiguous float32 (B, H, S_PAD)
+    buffers, every row written: delta = 0 and lse2 = +inf past S_q (P = 0 there)."""
+    pid_m = tl.program_id(0)
+    pid_bh = _pid_bh()
+    if pid_bh >= NUM_BH:
+        return
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row = offs_m.to(tl.int64)
+    o = _load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh + row[:, None] * stride_os + offs_d[None, :],
+                   offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM)  # fmt: skip
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh + row[:, None] * stride_dos + offs_d[None, :],
+                    offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM)  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    lse2 = _load_lse2(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + row * stride_ls, offs_m, seqlen_q)
+    out = pid_bh.to(tl.int64) * S_PAD + row
+    tl.store(DELTA + out, delta)
+    tl.store(LSE2 + out, lse2)
+
+
 @triton.jit(do_not_specialize=["seqlen_q", "H", "NUM_BH"])
 def _bwd_preprocess(
     O,

@@ -86,16 +86,20 @@ def _program(H_KV, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.conste
     else:
         mb_lo = 0
     n_mb = gl.maximum(gl.cdiv(seqlen_q, BLOCK_M) - mb_lo, 0)
-    return off_b, off_hk, n0, mb_lo, n_mb
+    # Programs of one head start their walk over its query blocks at different blocks (rotated
+    # by the KV block index): dQ reductions of concurrent programs land on different rows
+    # instead of all on the same tile at once.
+    rot = pid_n % gl.maximum(n_mb, 1)
+    return off_b, off_hk, n0, mb_lo, n_mb, rot
 
 
 @gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
-              delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+              delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
     """One warp: the program's K/V slices, then (Q, dO) tiles of every (query head, query block)
     into the ring."""
-    off_b, off_hk, n0, mb_lo, n_mb = _program(H_KV, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
+    off_b, off_hk, n0, mb_lo, n_mb, rot = _program(H_KV, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
                                               CAUSAL)  # fmt: skip
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(kv_ready.index(c), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -107,7 +111,7 @@ def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_
         )
     for it in range(GROUP * n_mb):
         off_h = off_hk * GROUP + it // n_mb
-        m0 = (mb_lo + it % n_mb) * BLOCK_M
+        m0 = (mb_lo + (it % n_mb + rot) % n_mb) * BLOCK_M
         s = it % NUM_STAGES
         ph = (it // NUM_STAGES) & 1
         # Fresh barriers count as having completed phase 1: the first wait on each slot passes.
@@ -143,7 +147,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
     key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     qry_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    off_b, off_hk, n0, mb_lo, n_mb = _program(H_KV, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
+    off_b, off_hk, n0, mb_lo, n_mb, rot = _program(H_KV, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
                                               CAUSAL)  # fmt: skip
     kn0 = n0 + C * BLOCK_N
     diag = seqlen_k - seqlen_q
@@ -171,7 +175,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
     mbarrier.wait(kv_ready.index(C), 0)
     for it in range(GROUP * n_mb):
         off_h = off_hk * GROUP + it // n_mb
-        mb = mb_lo + it % n_mb
+        mb = mb_lo + (it % n_mb + rot) % n_mb
         m0 = mb * BLOCK_M
         s = it % NUM_STAGES
         ph = (it // NUM_STAGES) & 1
@@ -203,7 +207,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         ds_tile = ds_smem.index(buf * NUM_CONSUMERS + C)
         if NUM_CONSUMERS > 1:
             mbarrier.wait(ds_empty.index(buf), bph ^ 1)
-        ds_tile.store((pt * (dpt - delta[None, :])).to(dtype))
+        ds_tile.store((pt * (dpt - delta[None, :]) * scale).to(dtype))
         fence_async_shared()
         dk_tok = warpgroup_mma(ds_tile, q, dk, is_async=True)
         if NUM_CONSUMERS > 1:
@@ -233,7 +237,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         last = GROUP * n_mb - 1
         lastc = gl.maximum(last, 0)
         mbarrier.wait(ds_empty.index(lastc % 2), (lastc // 2) & 1, pred=last >= 0)
-    k_tile.reshape([BLOCK_N, HEAD_DIM]).store((dk * scale).to(dtype))
+    k_tile.reshape([BLOCK_N, HEAD_DIM]).store(dk.to(dtype))
     v_tile.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(dk_desc, [off_b, off_hk, kn0, 0], k_tile)
