@@ -1,14 +1,13 @@
-"""Compile the draft Gluon attention backward for sm_90 on the CPU (Triton's bundled ptxas, no GPU).
+"""Compile the Gluon attention backward for sm_90 on the CPU (Triton's bundled ptxas, no GPU).
 
 Gluon has no interpreter, so CPU CI cannot run the kernel; compiling every candidate config
 (``launch_bwd_gluon.CANDIDATE_CONFIGS``) catches front-end, layout and ptxas errors,
 shared-memory overruns and register spills before the GPU machine does. Runs in a subprocess
 (conftest sets ``TRITON_INTERPRET=1`` on CPU machines) with a stand-in driver reporting an sm_90
 target; ``warmup`` compiles without launching. ptxas's own ``-v`` report gives the spill bytes
-(the PTX has no ``st.local``: ptxas spills after it); configs listed in
-``launch_bwd_gluon.SPILLING`` may spill, every other one must not (beyond 16 bytes: D128 full at
-the default config has 12 bytes of spill stores in an 8-byte stack frame, as the shipped Gluon
-forward has 12 bytes).
+(the PTX has no ``st.local``: ptxas spills after it); a config may spill at most 16 bytes
+(ptxas's stack frame; the shipped Gluon forward has 12) unless ``launch_bwd_gluon.SPILL_BYTES``
+gives it a measured allowance (D128's default: 72-104 bytes of loop-invariant scalars).
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ _SCRIPT = textwrap.dedent(
         ptxas = "ptxas"
     desc = launch_gluon._descriptor
     assert L.DEFAULT_CONFIG[d] in L.CANDIDATE_CONFIGS[d]
-    assert (d, L.DEFAULT_CONFIG[d]) not in L.SPILLING
     for config in L.CANDIDATE_CONFIGS[d]:
         bm, bn, stages, consumers = config
         maxnreg, regs = L._REGS[consumers]
@@ -79,9 +77,9 @@ _SCRIPT = textwrap.dedent(
         regs_used = int(re.findall(r"Used (\\d+) registers", log)[-1])
         spill = int(re.findall(r"(\\d+) bytes spill stores", log)[-1])
         print("config", config, "regs", regs_used, "spill", spill, "smem", k.metadata.shared)
-        if (d, config) not in L.SPILLING:
-            # At most a few words (ptxas's 8-byte stack frame; the shipped Gluon forward has 12 B).
-            assert spill <= 16, (config, log[-800:])
+        # At most a few words (ptxas's 8-byte stack frame; the shipped Gluon forward has 12 B)
+        # unless the config has a measured allowance (launch_bwd_gluon.SPILL_BYTES).
+        assert spill <= L.SPILL_BYTES.get((d, config), 16), (config, spill, log[-800:])
     print("ok")
     """
 )

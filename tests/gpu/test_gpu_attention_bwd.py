@@ -3,7 +3,9 @@ strategies, determinism. Judged with DESIGN.md's rule against a float64 autograd
 
 Run: ``pytest -m gpu tests/gpu/test_gpu_attention_bwd.py`` (``-n 8`` compiles in parallel).
 Each test pins one kernel config (``FLASHMOE_ATTN_BWD_TUNE=0``) to keep compile time down;
-the autotuned configs are exercised by ``benchmarks/attn_bwd_tune.py``.
+the autotuned configs are exercised by ``benchmarks/attn_bwd_tune.py``. These are the Triton
+kernels: ``FLASHMOE_ATTN_GLUON_BWD=0`` keeps Hopper's D 64/128 dense backward off the Gluon
+kernel, which ``test_gpu_attention_bwd_gluon.py`` checks.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 def _one_config(monkeypatch):
     monkeypatch.setenv("FLASHMOE_ATTN_BWD_TUNE", "0")
     monkeypatch.setenv("FLASHMOE_ATTN_AUTOTUNE", "0")  # the forward's switch (public-API tests)
+    monkeypatch.setenv("FLASHMOE_ATTN_GLUON_BWD", "0")
 
 
 def _poison_allocations(monkeypatch):

@@ -1,22 +1,21 @@
-"""Draft Gluon attention backward (``launch_bwd_gluon``) on a Hopper GPU: dq/dk/dv against the
+"""Gluon attention backward (``launch_bwd_gluon``) on a Hopper GPU: dq/dk/dv against the
 float64 autograd oracle by DESIGN.md's rule (3x the same-dtype error + a rounding floor).
 
-NOT RUN YET (written without a GPU, 2026-11-26). Run: ``pytest -m gpu
-tests/gpu/test_gpu_attention_bwd_gluon.py`` on an sm_90 machine. Every candidate config of
-``launch_bwd_gluon.CANDIDATE_CONFIGS`` is checked at one shape; the defaults over D 64/128 x
-full/causal x MHA/GQA x odd lengths (S_q < S_k, S_q > S_k, S = 1), both dtypes. Outputs are
-NaN-poisoned allocations, so a tile the kernel never writes fails.
+Every candidate config of ``launch_bwd_gluon.CANDIDATE_CONFIGS`` is checked at one shape; the
+defaults over D 64/128 x full/causal x MHA/GQA x odd lengths (S_q < S_k, S_q > S_k, S = 1),
+both dtypes. Scratch buffers and outputs are NaN-poisoned allocations, so a row the
+preprocess or a tile the kernel never writes fails.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 from _attention import check_grads, reference_grads
 
+from flashmoe_science import flash_attention_science
 from flashmoe_science.ops.attention import launch_bwd, launch_bwd_gluon, reference
 
 
@@ -83,25 +82,50 @@ def test_gluon_bwd_candidate_configs(d, config, causal, monkeypatch):
     _check(1, 8, 2, 333, 711, d, causal, torch.bfloat16, monkeypatch, config=config)
 
 
-def test_env_switch_routes_to_gluon(monkeypatch):
-    """``FLASHMOE_ATTN_GLUON_BWD=1`` sends ``launch_bwd.attention_bwd`` to the Gluon kernel
-    (and deterministic mode keeps it on the Triton kernels)."""
+def test_routing(monkeypatch):
+    """``launch_bwd.attention_bwd`` runs the Gluon kernel by default on Hopper; deterministic mode
+    and ``FLASHMOE_ATTN_GLUON_BWD=0`` keep it on the Triton kernels."""
     calls = []
     real = launch_bwd_gluon.attention_bwd_gluon
     monkeypatch.setattr(
         launch_bwd_gluon, "attention_bwd_gluon", lambda *a, **kw: calls.append(1) or real(*a, **kw)
     )
-    monkeypatch.setenv("FLASHMOE_ATTN_GLUON_BWD", "1")
+    monkeypatch.delenv("FLASHMOE_ATTN_GLUON_BWD", raising=False)
+    monkeypatch.delenv("FLASHMOE_DETERMINISTIC", raising=False)
     monkeypatch.setenv("FLASHMOE_ATTN_BWD_TUNE", "0")
     q = torch.randn(1, 4, 200, 128, dtype=torch.bfloat16, device="cuda")
     k, v = torch.randn_like(q), torch.randn_like(q)
     scale = 1.0 / math.sqrt(128)
     out, lse = reference.attention_ref(q, k, v, True, scale)
     do = torch.randn_like(q)
-    grads = launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale)
+    want = reference_grads(q, k, v, do, True, scale, reference.attention_ref)
+    check_grads(launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale), *want)
     assert calls == [1]
-    check_grads(grads, *reference_grads(q, k, v, do, True, scale, reference.attention_ref))
     monkeypatch.setenv("FLASHMOE_DETERMINISTIC", "1")
-    launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale)
+    check_grads(launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale), *want)
     assert calls == [1]
-    assert os.environ["FLASHMOE_ATTN_GLUON_BWD"] == "1"
+    monkeypatch.delenv("FLASHMOE_DETERMINISTIC")
+    monkeypatch.setenv("FLASHMOE_ATTN_GLUON_BWD", "0")
+    check_grads(launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale), *want)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_public_api_runs_gluon_bwd(causal, monkeypatch):
+    """``flash_attention_science``'s autograd backward reaches the Gluon kernel (GQA 8:2, D 128)."""
+    calls = []
+    real = launch_bwd_gluon.attention_bwd_gluon
+    monkeypatch.setattr(
+        launch_bwd_gluon, "attention_bwd_gluon", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    monkeypatch.delenv("FLASHMOE_ATTN_GLUON_BWD", raising=False)
+    monkeypatch.delenv("FLASHMOE_DETERMINISTIC", raising=False)
+    q = torch.randn(2, 8, 1000, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(2, 2, 1000, 128, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = flash_attention_science(*leaves, causal=causal)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, do)
+    assert calls == [1]
+    check_grads(grads, *reference_grads(q, k, v, do, causal, 1.0 / math.sqrt(128), reference.attention_ref))

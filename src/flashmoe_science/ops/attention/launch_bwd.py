@@ -262,8 +262,9 @@ def attention_bwd(do, q, k, v, out, lse, causal: bool, scale: float):
     s_k = k.shape[2]
     if b == 0 or s_q == 0 or s_k == 0:  # nothing to launch: no row sees a key
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if os.environ.get("FLASHMOE_ATTN_GLUON_BWD") and not deterministic_requested():
-        # Opt-in draft Gluon backward (sm_90; dQ by atomics, so never in deterministic mode).
+    if q.is_cuda and not deterministic_requested():
+        # Hopper, D 64 / 128: the warp-specialised Gluon backward (dQ summed by TMA reductions
+        # in a varying order, so never in deterministic mode).
         from . import launch_bwd_gluon
 
         if launch_bwd_gluon.enabled() and launch_bwd_gluon.supported(q, k, v, do, out):

@@ -1,20 +1,20 @@
 """Launcher for the Gluon (warp-specialised, sm_90) attention backward in ``kernels.bwd_gluon``.
 
-DRAFT (issue 4): compiled for sm_90 on the CPU only, NOT yet run on a GPU. Opt-in:
-``launch_bwd.attention_bwd`` routes here only with ``FLASHMOE_ATTN_GLUON_BWD=1`` (and never in
-deterministic mode: dQ is summed with float32 atomics).
+The default dense backward on Hopper for D 64 and 128 (``launch_bwd.attention_bwd`` routes
+here unless deterministic mode is on, since dQ's reductions land in a varying order, or
+``FLASHMOE_ATTN_GLUON_BWD=0``); everything else runs the Triton kernels of ``launch_bwd``.
 
 Shape letters: B batch, H query heads, H_kv key/value heads, S_q / S_k sequence lengths, D head dim.
 
-Covers dense (B, H, S, D) float16/bfloat16 on Hopper, D 64 and 128, full and causal
+Covers dense (B, H, S, D) float16/bfloat16 on sm_90, D 64 and 128, full and causal
 (bottom-right), GQA/MQA, strides TMA accepts. Same interface as ``launch_bwd.attention_bwd``:
 (do, q, k, v, out, lse, causal, scale) -> (dq, dk, dv), lse float32 (B, H, S_q), natural log.
 
-Steps: (1) the Triton ``_bwd_preprocess`` writes delta = rowsum(dO * O) into a float32
-(B, H, S_pad) buffer (S_pad: S_q rounded up to 128; zeros past S_q); (2) lse is converted to the
-log2 domain into a like-shaped buffer, +inf for rows past S_q and rows that saw no key (P = 0
-there); (3) the Gluon kernel accumulates dK, dV per KV block and adds dS K into a zeroed
-float32 dQ buffer with atomics; (4) dq = scale * buffer, cast (as ``launch_bwd``'s atomic mode).
+Steps: (1) the Triton ``_bwd_preprocess_padded`` writes delta = rowsum(dO * O) and
+lse2 = lse * log2(e) into float32 (B, H, S_pad) buffers (S_pad: S_q rounded up to 128;
+delta 0 and lse2 +inf past S_q and where a row saw no key: P = 0 there); (2) the Gluon kernel
+accumulates dK, dV per KV block and adds (scaled) dS K into a zeroed float32 dQ buffer by TMA
+reduce-add; (3) the buffer is cast to dQ's dtype.
 """
 
 from __future__ import annotations
@@ -32,29 +32,27 @@ _S_PAD = 128  # lse2 / delta rows are padded to a multiple of this (>= every BLO
 _SMEM_LIMIT = 227 * 1024 - 1024
 _PRE_BLOCK_M = 64
 
-# (BLOCK_M, BLOCK_N per consumer, NUM_STAGES, consumers). Not tuned: no GPU run yet. Chosen
-# from ptxas spill counts of the offline sm_90 compile (docs/attention_bwd.md, "Gluon backward
-# (draft)"): D64 runs two consumer warpgroups (128 key rows a program, as FA3), 0 bytes of spill;
-# at D128 two consumers spill ~180 bytes (dK + dV + dQ accumulators, 192 of 240 registers), so
-# the default is one consumer warpgroup with 255 registers (0 spill). ``CANDIDATE_CONFIGS`` are
-# what the first GPU session should time (the compile test builds every one; the ones marked
-# in ``SPILLING`` are allowed their spill there).
+# (BLOCK_M, BLOCK_N per consumer, NUM_STAGES, consumers). Chosen on an H100 (docs/attention_bwd.md,
+# benchmarks/attn_bwd_gluon.py): two consumer warpgroups (128 key rows a program, as FA3) beat one
+# by 1.3-1.4x at both head dims; a third ring stage did not help; BLOCK_M 128 spilled.
+# ``CANDIDATE_CONFIGS`` are what the benchmark's check phase runs and times (the compile test builds
+# every one). ``SPILL_BYTES``: ptxas's spill stores allowed per config (the offline sm_90 compile):
+# at D128 two consumers hold dK + dV (128 of 240 registers) and a few loop-invariant scalars go to
+# the stack (reloaded from L1 a handful of times per tile), not accumulators.
 _Cfg = tuple[int, int, int, int]
-DEFAULT_CONFIG: dict[int, _Cfg] = {64: (64, 64, 2, 2), 128: (64, 64, 2, 1)}
+DEFAULT_CONFIG: dict[int, _Cfg] = {64: (64, 64, 2, 2), 128: (64, 64, 2, 2)}
 CANDIDATE_CONFIGS: dict[int, tuple[_Cfg, ...]] = {
-    64: ((64, 64, 2, 2), (64, 64, 3, 2), (64, 64, 2, 1), (128, 64, 2, 2)),
-    128: ((64, 64, 2, 1), (64, 64, 3, 1), (64, 64, 2, 2)),
+    64: ((64, 64, 2, 2), (64, 64, 3, 2), (64, 64, 2, 1)),
+    128: ((64, 64, 2, 2), (64, 64, 2, 1)),
 }
-SPILLING: frozenset[tuple[int, _Cfg]] = frozenset(
-    {(64, (128, 64, 2, 2)), (128, (64, 64, 2, 2)), (128, (64, 64, 3, 2)), (128, (64, 64, 3, 1))}
-)
+SPILL_BYTES: dict[tuple[int, _Cfg], int] = {(128, (64, 64, 2, 2)): 128}
 # maxnreg at launch (64K registers / SM over 4 + 4 + 1(4) warps) and each consumer's setmaxnreg.
 _REGS = {2: (168, 240), 1: (255, 255)}
 
 
 def enabled() -> bool:
-    """``FLASHMOE_ATTN_GLUON_BWD=1`` opts in (default off while the kernel is a draft)."""
-    return os.environ.get("FLASHMOE_ATTN_GLUON_BWD", "0").strip().lower() in ("1", "true", "yes")
+    """``FLASHMOE_ATTN_GLUON_BWD=0`` sends every backward to the Triton kernels."""
+    return os.environ.get("FLASHMOE_ATTN_GLUON_BWD", "1").strip().lower() not in ("0", "false", "")
 
 
 def smem_bytes(config: _Cfg, d: int, elem: int = 2) -> int:

@@ -1,8 +1,8 @@
 """Attention backward for Hopper (sm_90) in Gluon: warp-specialised, FlashAttention-3 style.
 
-DRAFT (issue 4): compiled for sm_90 on the CPU machine only; it has NOT run on a GPU yet
-(docs/attention_bwd.md, "Gluon backward (draft)"). Not wired into the default dispatch:
-``launch_bwd.attention_bwd`` calls it only with ``FLASHMOE_ATTN_GLUON_BWD=1``.
+The default backward on Hopper for dense D 64 / 128 inputs (``launch_bwd.attention_bwd``;
+not in deterministic mode: dQ is summed in an order that varies run to run). Measured in
+docs/attention_bwd.md.
 
 Shape letters: B batch, H query heads, H_kv key/value heads (GROUP = H // H_kv), S_q / S_k
 sequence lengths, D head dim (64 or 128).
@@ -12,27 +12,34 @@ One program per (KV block of ``NUM_CONSUMERS * BLOCK_N`` key rows, batch, KV hea
   * the producer warp TMA-loads the program's K and V rows once (one ``BLOCK_N`` slice per
     consumer), then, for every query head of the KV head's group (GQA: dK/dV summed over the
     group, K/V never repeated) and every query block the KV block can see, the Q and dO tiles
-    of ``BLOCK_M`` rows into a ring of ``NUM_STAGES`` shared-memory slots (``q_ready`` /
-    ``do_ready`` / ``empty`` mbarriers per slot; ``empty`` counts one arrival per consumer);
+    of ``BLOCK_M`` rows, with their rows of lse2 and delta, into a ring of ``NUM_STAGES``
+    shared-memory slots (``q_ready`` / ``do_ready`` / ``empty`` mbarriers per slot; ``empty``
+    counts one arrival per consumer);
   * ``NUM_CONSUMERS`` consumer warpgroups each own ``BLOCK_N`` (= 64, one wgmma M) key rows
     and read every Q/dO tile. Per tile, transposed so that dK/dV come out row-major:
         S^T  = K Q^T                     (wgmma, both operands in shared memory)
         dP^T = V dO^T                    (wgmma, issued before S^T is consumed)
         P^T  = exp2(S^T * scale * log2 e - lse2)   lse2 = lse * log2 e (+inf: no key / pad)
-        dS^T = P^T * (dP^T - delta)
+        dS^T = scale * P^T * (dP^T - delta)         -> shared memory (bf16/fp16)
         dV  += P^T dO                    (wgmma, P^T from registers)
-        dK  += dS^T Q                    (wgmma, dS^T from registers)
-        dQ_partial = dS K                (wgmma, dS^T stored to shared memory, read transposed)
-    and adds ``dQ_partial`` (unscaled) into a float32 (B, H, S_q, D) buffer with fp32 atomics;
-    the launcher then scales and casts it (the Triton backward's atomic-dQ step);
-  * the epilogue scales dK by ``scale`` and stores dK / dV by TMA, staged in the consumer's
-    K / V buffers (dead by then); rows past S_k are clipped by the descriptor.
+        dK  += dS^T Q                    (wgmma, dS^T from shared memory)
+        dQ[:, cols of C] = sum over the program's consumers c' of dS_c' K_c'[:, cols of C]
+    The three products after dS^T are issued back to back. Every consumer needs every
+    consumer's dS^T for its dQ columns (D / NUM_CONSUMERS of them): the dS^T slots are
+    double-buffered by tile parity with ``ds_full`` / ``ds_empty`` mbarriers. A consumer's dQ
+    tile (float32) is staged in shared memory and added into a zeroed float32 (B, H, S_q, D)
+    buffer by a TMA reduce-add (``cp.reduce.async.bulk.tensor``, summed in L2): one reduction
+    per (query tile, 128 keys), a bulk transfer instead of per-element atomics; the launcher
+    casts the buffer. A program starts its walk over a head's query blocks at a block rotated
+    by its KV block index, so concurrent programs reduce into different rows;
+  * the epilogue stores dK / dV by TMA, staged in the consumer's K / V buffers once every
+    consumer has read them for the last time; rows past S_k are clipped by the descriptor.
 
-lse2 and delta are read from float32 (B, H, S_pad) buffers the launcher pads to a multiple of
-the query block (lse2 = +inf and delta = 0 there), so the loads need no mask: rows past S_q and
-rows that saw no key (lse = -inf) give P = 0. Causal masking is bottom-right aligned (row i
-sees key j <= i + S_k - S_q, as in ``bwd.py``): query blocks a consumer cannot see are released
-unread, blocks fully visible to it run without a mask, only the diagonal (and the ragged key
+lse2 and delta come from float32 (B, H, S_pad) buffers the launcher pads to a multiple of
+128 rows (lse2 = +inf and delta = 0 there): rows past S_q and rows that saw no key
+(lse = -inf) give P = 0. Causal masking is bottom-right aligned (row i sees key
+j <= i + S_k - S_q, as in ``bwd.py``): query blocks the program cannot see are never loaded,
+blocks fully visible to a consumer run without a mask, only the diagonal (and the ragged key
 tail, where P could overflow on zero-filled K rows) pay for one.
 
 Gluon has no CPU interpreter: ``tests/test_attention_gluon_bwd_compile.py`` compiles every
@@ -96,7 +103,8 @@ def _program(H_KV, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.conste
 @gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
               delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+              CAUSAL: gl.constexpr):  # fmt: skip
     """One warp: the program's K/V slices, then (Q, dO) tiles of every (query head, query block)
     into the ring."""
     off_b, off_hk, n0, mb_lo, n_mb, rot = _program(H_KV, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
@@ -196,24 +204,22 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
             if CAUSAL:
                 keep = keep & (keys[:, None] <= rows[None, :] + diag)
             pt = gl.where(keep, pt, 0.0)
-        p_op = gl.convert_layout(pt.to(dtype), a_layout)
-        dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
         delta = delta_smem.index(s).reshape([BLOCK_M]).load(qry_layout)
-        # dP^T and dV both retire here: P^T's registers are free before dS^T is formed.
-        dpt, dv, p_op = warpgroup_mma_wait(0, deps=(dpt_tok, dv_tok, p_op))
-        # dS^T goes through shared memory: the A operand of dK += dS^T Q, and, read transposed,
-        # of every consumer's dQ columns (no second register copy of dS). The slot of two tiles
-        # ago must have been read by all consumers.
+        dpt = warpgroup_mma_wait(0, deps=(dpt_tok,))
+        ds = (pt * (dpt - delta[None, :]) * scale).to(dtype)
+        p_op = gl.convert_layout(pt.to(dtype), a_layout)
         ds_tile = ds_smem.index(buf * NUM_CONSUMERS + C)
         if NUM_CONSUMERS > 1:
             mbarrier.wait(ds_empty.index(buf), bph ^ 1)
-        ds_tile.store((pt * (dpt - delta[None, :]) * scale).to(dtype))
+        ds_tile.store(ds)
         fence_async_shared()
-        dk_tok = warpgroup_mma(ds_tile, q, dk, is_async=True)
         if NUM_CONSUMERS > 1:
             mbarrier.arrive(ds_full.index(buf), count=1)
+        dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+        dk_tok = warpgroup_mma(ds_tile, q, dk, is_async=True)
+        if NUM_CONSUMERS > 1:
             mbarrier.wait(ds_full.index(buf), bph)
-        # dQ[:, C * DQ_COLS:] (unscaled) = sum over the program's key slices of dS K.
+        # dQ[:, C * DQ_COLS:] = sum over the program's key slices of dS K.
         dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS).permute((1, 0)),
                                k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
                                dq_zero, use_acc=False, is_async=True)  # fmt: skip
@@ -221,7 +227,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
             dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS + c2).permute((1, 0)),
                                    k_smem.index(c2).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
                                    dq_tok, is_async=True)  # fmt: skip
-        dk, dq = warpgroup_mma_wait(0, deps=(dk_tok, dq_tok))
+        dv, p_op, dk, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, dq_tok))
         mbarrier.arrive(empty.index(s), count=1)
         if NUM_CONSUMERS > 1:
             mbarrier.arrive(ds_empty.index(buf), count=1)
@@ -231,7 +237,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         fence_async_shared()
         _tma_reduce_add(dq_desc, [off_b, off_h, m0, C * DQ_COLS], dq_tile)
 
-    # Epilogue: dK (scaled) and dV through the consumer's own K / V buffers. Every consumer's
+    # Epilogue: dK and dV through the consumer's own K / V buffers. Every consumer's
     # last dQ MMA read them: wait until all have passed the last tile.
     if NUM_CONSUMERS > 1:
         last = GROUP * n_mb - 1
@@ -276,8 +282,9 @@ def attn_bwd_gluon_kernel(
 ):  # fmt: skip
     """Grid: (cdiv(S_k, NUM_CONSUMERS * BLOCK_N) * B * H_kv,). Launch with num_warps=4
     (consumer 0; the other consumer and the producer warp are worker partitions).
-    ``qk_scale`` = softmax scale * log2(e); ``Lse2`` / ``Delta``: float32 (B, H, S_pad) with
-    a contiguous last dim; ``DQ``: float32, zeroed, receives dS K (unscaled)."""
+    ``qk_scale`` = softmax scale * log2(e); ``lse_desc`` / ``delta_desc``: over float32
+    (B, H, S_pad) buffers; ``dq_desc``: over a zeroed float32 (B, H, S_q, D) buffer that
+    receives dS K (dS already scaled)."""
     gl.static_assert(BLOCK_N == 64)  # one wgmma M per consumer warpgroup
     gl.static_assert(BLOCK_M == 64 or BLOCK_M == 128)
     gl.static_assert(NUM_CONSUMERS == 1 or NUM_CONSUMERS == 2)
