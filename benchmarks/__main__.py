@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--sets", type=int, default=None, help="input sets rotated through (default 3)")
         s.add_argument("--rep-ms", type=float, default=None, help="timed repetitions target (ms)")
         s.add_argument(
+            "--rounds",
+            type=int,
+            default=None,
+            help="time every case this many times, impl order rotated; median per impl (default 1)",
+        )
+        s.add_argument(
             "--max-iter-s",
             type=float,
             default=None,
@@ -82,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     base = harness.QUICK_TIMING if args.quick else harness.TimingConfig()
     overrides = {
         k: v
-        for k, v in (("n_sets", args.sets), ("rep_ms", args.rep_ms), ("max_iter_s", args.max_iter_s))
+        for k, v in (
+            ("n_sets", args.sets),
+            ("rep_ms", args.rep_ms),
+            ("max_iter_s", args.max_iter_s),
+            ("rounds", args.rounds),
+        )
         if v is not None
     }
     cfg = dataclasses.replace(base, **overrides)

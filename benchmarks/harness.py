@@ -104,6 +104,10 @@ class TimingConfig:
     max_reps: int = 200
     max_iter_s: float = 1.0  # an impl slower than this per iteration is skipped, not timed
     flush_l2: bool = True
+    # Each case is timed this many times, the impls' order rotated between rounds, and each
+    # impl reports the median of its rounds: an H100 at its 700 W cap moves its clocks by
+    # 10-20% within seconds, which favours whichever impl happens to run cool.
+    rounds: int = 1
 
 
 QUICK_TIMING = TimingConfig(rep_ms=40.0, max_reps=100)
@@ -495,17 +499,41 @@ def run_case(
     except Exception as exc:  # e.g. out of memory: every checked impl is then marked failed
         ref_error = _short(exc)
     _free(device)
-    # flashmoe runs last in each case: a kernel under development that faults would poison
-    # the CUDA context for the peers of the same case.
+    # flashmoe runs last in the first round: a kernel under development that faults would
+    # poison the CUDA context for the peers of the same case. Later rounds rotate the order.
     order = [i for i in impls if i != MAIN_IMPL] + [i for i in impls if i == MAIN_IMPL]
-    rows = [
-        run_impl(family, impl, op, case, data, check_case, check_data, ref, ref_error, device, cfg)
-        for impl in order
-    ]
+    rounds: dict[str, list[dict[str, Any]]] = {impl: [] for impl in order}
+    for r in range(max(1, cfg.rounds)):
+        if r and device.type == "cuda" and not _cuda_healthy(device):
+            break
+        shift = r % len(order)
+        for impl in order[shift:] + order[:shift]:
+            rounds[impl].append(
+                run_impl(family, impl, op, case, data, check_case, check_data, ref, ref_error, device, cfg)
+            )
+    flops, nbytes = cases.flops(op, case), cases.nbytes(op, case, data)
+    rows = [_merge_rounds(rounds[impl], flops, nbytes) for impl in order]
     del data, check_data, ref
     _free(device)
     add_ratios(rows, getattr(cases, "FLOOR_IMPL", None))
     return rows
+
+
+def _merge_rounds(rows: list[dict[str, Any]], flops: float, nbytes: float | None) -> dict[str, Any]:
+    """One impl's row from its rounds: the first round's row (check, notes), the median of
+    the timed rounds' ms (``ms_rounds`` lists them); any round not ok makes the row that round's."""
+    if len(rows) == 1:
+        return rows[0]
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        return bad[0]
+    times = sorted(r["ms"] for r in rows)
+    mid = len(times) // 2
+    ms = times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+    row = dict(rows[0], ms=sig(ms, 5), tflops=sig(tflops(flops, ms)), ms_rounds=[r["ms"] for r in rows])
+    if "gbps" in row and nbytes is not None:
+        row["gbps"] = sig(gbps(nbytes, ms))
+    return row
 
 
 def progress_line(index: int, total: int, op: str, label: str, rows: Iterable[dict[str, Any]]) -> str:

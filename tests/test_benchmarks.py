@@ -3,6 +3,7 @@ JSON schema writing, ratios and plotting. No timing assertions (CPU times mean n
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -282,3 +283,27 @@ def test_plot_throughput_from_committed_results(kind, results, tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = plot_throughput.plot(kind, root / "benchmarks" / "results" / results, tmp_path / f"{kind}.png")
     assert out.stat().st_size > 10_000
+
+
+def test_rounds_take_the_median_and_rotate_the_order(tmp_path, monkeypatch):
+    """``rounds=3``: each impl timed three times, impl order rotated, the row's ms the median."""
+    seen, fake_ms = [], iter([5.0, 1.0, 3.0, 2.0, 9.0, 4.0])
+    real = harness.run_impl
+
+    def fake_run_impl(family, impl, *a, **kw):
+        seen.append(impl)
+        row = real(family, impl, *a, **kw)
+        if row["status"] == "ok":
+            row["ms"] = next(fake_ms)
+        return row
+
+    monkeypatch.setattr(harness, "run_impl", fake_run_impl)
+    family = harness.get_family("moe")
+    case = family.cases.select_cases("moe_fwd", "smoke", True)[0]
+    cfg = dataclasses.replace(harness.QUICK_TIMING, rep_ms=1.0, max_reps=2, rounds=3)
+    rows = harness.run_case(family, "moe_fwd", case, ["flashmoe", "grouped_mm"], torch.device("cpu"), cfg)
+    assert seen == ["grouped_mm", "flashmoe", "flashmoe", "grouped_mm", "grouped_mm", "flashmoe"]
+    by = {r["impl"]: r for r in rows}
+    assert by["flashmoe"]["status"] == "unavailable"  # CUDA only: no ms consumed
+    assert by["grouped_mm"]["ms_rounds"] == [5.0, 1.0, 3.0] and by["grouped_mm"]["ms"] == 3.0
+    assert by["grouped_mm"]["tflops"] == harness.sig(harness.tflops(family.cases.flops("moe_fwd", case), 3.0))
