@@ -129,3 +129,24 @@ def test_public_api_runs_gluon_bwd(causal, monkeypatch):
     grads = torch.autograd.grad(out, leaves, do)
     assert calls == [1]
     check_grads(grads, *reference_grads(q, k, v, do, causal, 1.0 / math.sqrt(128), reference.attention_ref))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_grads_keep_input_strides(causal, monkeypatch):
+    """(B, S, H, D) tensors viewed as (B, H, S, D), as the attention layer passes them: the
+    gradients come back with ``empty_like``'s strides (the custom op's fake implementation
+    promises them to torch.compile) and the right values."""
+    q = torch.randn(2, 300, 8, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    k = torch.randn(2, 517, 2, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    v = torch.randn(2, 517, 2, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    scale = 1.0 / math.sqrt(128)
+    out, lse = reference.attention_ref(q, k, v, causal, scale)
+    do = torch.randn_like(q)
+    assert launch_bwd_gluon.supported(q, k, v, do, out)
+    _poison_allocations(monkeypatch)
+    grads = launch_bwd_gluon.attention_bwd_gluon(do, q, k, v, out, lse, causal, scale)
+    torch.cuda.synchronize()
+    monkeypatch.undo()
+    for g, t in zip(grads, (q, k, v)):
+        assert g.stride() == torch.empty_like(t).stride() == t.stride()
+    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))

@@ -31,9 +31,17 @@ class _TinyModel(torch.nn.Module):
         return x + self.moe(self.norm2(x))
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "default"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compile_fullgraph_triton_path(backend):
-    """fullgraph compile of attention + MoE on the Triton kernels: forward and backward match eager."""
+def test_compile_fullgraph_kernels(backend, deterministic, monkeypatch):
+    """fullgraph compile of attention + MoE on the kernels: forward and backward match eager.
+    Deterministic mode (the Triton attention backward): aot_eager is bit-identical to eager.
+    Default (on Hopper, the Gluon attention backward, whose dQ reductions land in a varying
+    order): within the inductor bound below."""
+    if deterministic:
+        monkeypatch.setenv("FLASHMOE_DETERMINISTIC", "1")
+    else:
+        monkeypatch.delenv("FLASHMOE_DETERMINISTIC", raising=False)
     torch.manual_seed(0)
     model = _TinyModel().to(DEV, torch.bfloat16)
     x = torch.randn(2, 256, 256, device=DEV, dtype=torch.bfloat16)
@@ -48,7 +56,7 @@ def test_compile_fullgraph_triton_path(backend):
     eager_out, eager_grads = run(model)
     torch._dynamo.reset()
     out, grads = run(torch.compile(model, backend=backend, fullgraph=True))
-    if backend == "aot_eager":
+    if backend == "aot_eager" and deterministic:
         # Same kernels, same ops: the compiled graph must be bit-identical to eager.
         torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
         for name in eager_grads:

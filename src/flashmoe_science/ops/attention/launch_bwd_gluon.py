@@ -100,7 +100,7 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
         do, q, out: (B, H, S_q, D); k, v: (B, H_kv, S_k, D); lse: float32 (B, H, S_q), natural
             log, from the forward (-inf for rows that saw no key).
     Returns:
-        (dq, dk, dv) with the shapes and dtypes of q, k, v (dk, dv contiguous).
+        (dq, dk, dv) with the shapes, dtypes and (``empty_like``) strides of q, k, v.
     """
     from . import launch_bwd
     from .kernels import bwd as _triton_k
@@ -122,8 +122,10 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
     )  # fmt: skip
     dq_acc = torch.zeros((b, h, s_q, d), dtype=torch.float32, device=dev)
     dq_desc = _dq_descriptor(dq_acc, bm, d // consumers)
-    dk = torch.empty((b, h_kv, s_k, d), dtype=k.dtype, device=dev)
-    dv = torch.empty((b, h_kv, s_k, d), dtype=v.dtype, device=dev)
+    # Gradients with their inputs' strides (``empty_like``), as the custom op's fake
+    # implementation promises: a compiled graph views them the way it viewed q, k, v.
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
 
     desc = launch_gluon._descriptor
     grid = (triton.cdiv(s_k, consumers * bn) * b * h_kv,)
@@ -135,4 +137,4 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
         CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
-    return dq_acc.to(q.dtype), dk, dv
+    return torch.empty_like(q).copy_(dq_acc), dk, dv
