@@ -1,7 +1,6 @@
-"""Draft Gluon attention backward (``launch_bwd_gluon``) against the Triton backward and SDPA's
+"""Gluon attention backward (``launch_bwd_gluon``) against the Triton backward and SDPA's
 cuDNN / flash backends: a check phase, then backward-only timings at issue 4's cases.
-
-NOT RUN YET (written without a GPU, 2026-11-26). On an sm_90 machine:
+On an sm_90 machine:
 
     PYTHONPATH=src:. python3 -m benchmarks.attn_bwd_gluon --phase check       # gradients, per config
     PYTHONPATH=src:. python3 -m benchmarks.attn_bwd_gluon --phase bench --out benchmarks/results
@@ -12,7 +11,7 @@ check  every candidate config (``launch_bwd_gluon.CANDIDATE_CONFIGS``) at a smal
 bench  backward TFLOP/s (2.5 x forward FLOPs / backward time, issue 4's convention; out/lse from
        PyTorch's flash forward) for SDPA cuDNN, SDPA flash, the Triton backward
        (``FLASHMOE_ATTN_BWD_TUNE=0``, its default configs) and each Gluon config; the Gluon
-       times include its preprocess, lse conversion and dQ scale/cast. Writes
+       times include its preprocess, the dQ buffer's zero fill and the cast. Writes
        ``attention_bwd-gluon-<stamp>.json`` into --out.
 """
 
