@@ -37,6 +37,8 @@ CASES = [
     ("D128 GQA 32:8 4k causal", 4, 32, 8, 4096, 128, True),
     ("D64 4k full", 4, 32, 32, 4096, 64, False),
     ("D64 4k causal", 4, 32, 32, 4096, 64, True),
+    ("D96 4k full", 4, 16, 16, 4096, 96, False),
+    ("D96 4k causal", 4, 16, 16, 4096, 96, True),
 ]
 CHECK_SHAPES = [(1, 8, 2, 333, 711, False), (1, 8, 2, 333, 711, True), (2, 4, 4, 517, 300, True)]
 
@@ -107,7 +109,7 @@ def bench(out_dir: str, only_passed: dict | None) -> None:
                 print(f"{name} {label}: {e}", flush=True)
         args = (do, q, k, v, out, lse, causal, scale)
         impls["triton"] = functools.partial(launch_bwd.attention_bwd, *args)
-        for cfg in launch_bwd_gluon.CANDIDATE_CONFIGS[d]:
+        for cfg in launch_bwd_gluon.CANDIDATE_CONFIGS[launch_bwd_gluon.kernel_head_dim(d)]:
             key = ",".join(map(str, (d, *cfg)))
             if only_passed is not None and only_passed.get(key) != "pass":
                 continue

@@ -192,3 +192,30 @@ def test_batch_times_heads_over_the_grid_y_limit(monkeypatch, poisoned_alloc):
     monkeypatch.setattr(launch_bwd, "_MAX_GRID_Y", 3)
     assert launch_bwd._bh_axes(10) == (3, 4) and launch_bwd._bh_axes(3) == (3, 1)
     _check_varlen_grads([9, 0, 17, 4, 30], [9, 0, 17, 4, 30], 2, 2, True, short=False)
+
+
+@pytest.mark.parametrize("d", [64, 96])
+def test_bwd_preprocess_padded(d):
+    """The Gluon backward's preprocess (a Triton kernel, so it runs in the interpreter): delta =
+    rowsum(dO * O) and lse2 = lse * log2(e) over every row of a padded (B, H, S_pad) buffer, with
+    delta 0 and lse2 +inf past S_q and where a row saw no key (lse = -inf); the buffers start
+    NaN, so an unwritten row fails."""
+    from flashmoe_science.ops.attention.kernels import bwd as bwd_k
+
+    b, h, s_q, s_pad, block_m = 2, 3, 70, 128, 64
+    o = torch.randn(b, h, s_q, d, device=DEVICE)
+    do = torch.randn(b, h, s_q, d, device=DEVICE)
+    lse = torch.randn(b, h, s_q, device=DEVICE)
+    lse[0, 1, 5] = float("-inf")
+    delta = torch.full((b, h, s_pad), float("nan"), device=DEVICE)
+    lse2 = torch.full((b, h, s_pad), float("nan"), device=DEVICE)
+    bwd_k._bwd_preprocess_padded[(s_pad // block_m, b * h, 1)](
+        o, do, lse, delta, lse2, *o.stride()[:3], *do.stride()[:3], *lse.stride(), s_q, s_pad, h, b * h,
+        HEAD_DIM=d, BLOCK_D=128 if d > 64 else 64, BLOCK_M=block_m,
+    )  # fmt: skip
+    want_delta = torch.zeros(b, h, s_pad, dtype=torch.float64)
+    want_delta[..., :s_q] = (o.double() * do.double()).sum(-1).cpu()
+    want_lse2 = torch.full((b, h, s_pad), math.inf, dtype=torch.float64)
+    want_lse2[..., :s_q] = torch.where(torch.isneginf(lse), math.inf, lse * math.log2(math.e)).double().cpu()
+    torch.testing.assert_close(delta.double().cpu(), want_delta, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lse2.double().cpu(), want_lse2, rtol=1e-6, atol=1e-6)

@@ -3,8 +3,8 @@ float64 autograd oracle by DESIGN.md's rule (3x the same-dtype error + a roundin
 
 Every candidate config of ``launch_bwd_gluon.CANDIDATE_CONFIGS`` is checked at one shape; the
 defaults over D 64/128 x full/causal x MHA/GQA x odd lengths (S_q < S_k, S_q > S_k, S = 1),
-both dtypes. Scratch buffers and outputs are NaN-poisoned allocations, so a row the
-preprocess or a tile the kernel never writes fails.
+both dtypes; D 80/96/112 (run as 128) on two odd shapes. Scratch buffers and outputs are
+NaN-poisoned allocations, so a row the preprocess or a tile the kernel never writes fails.
 """
 
 from __future__ import annotations
@@ -69,6 +69,16 @@ SHAPES = [
 @pytest.mark.parametrize("d", launch_bwd_gluon.HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gluon_bwd_grads(dtype, d, causal, shape, monkeypatch):
+    _check(*shape, d, causal, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [80, 96, 112])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gluon_bwd_padded_head_dims(dtype, d, causal, shape, monkeypatch):
+    """Head dims run as 128 (128-wide TMA boxes over the real d columns)."""
+    assert launch_bwd_gluon.kernel_head_dim(d) == 128
     _check(*shape, d, causal, dtype, monkeypatch)
 
 

@@ -6,7 +6,7 @@ here unless deterministic mode is on, since dQ's reductions land in a varying or
 
 Shape letters: B batch, H query heads, H_kv key/value heads, S_q / S_k sequence lengths, D head dim.
 
-Covers dense (B, H, S, D) float16/bfloat16 on sm_90, D 64 and 128, full and causal
+Covers dense (B, H, S, D) float16/bfloat16 on sm_90, D 64 and 128 (80, 96, 112 run as 128), full and causal
 (bottom-right), GQA/MQA, strides TMA accepts. Same interface as ``launch_bwd.attention_bwd``:
 (do, q, k, v, out, lse, causal, scale) -> (dq, dk, dv), lse float32 (B, H, S_q), natural log.
 
@@ -65,9 +65,17 @@ def smem_bytes(config: _Cfg, d: int, elem: int = 2) -> int:
     return ring + kv + ds + dq
 
 
+def kernel_head_dim(d: int) -> int | None:
+    """The head dim the kernel runs d at (64 or 128), or None: as the Gluon forward, a multiple
+    of 8 between 64 and 128 (80, 96, 112) runs as 128 with 128-wide TMA boxes over the real d
+    columns (the rest load as zeros; dK/dV stores and dQ reductions clip them)."""
+    p = launch_gluon.padded_head_dim(d)
+    return p if p in HEAD_DIMS else None
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether the Gluon backward covers these dense (B, H, S, D) inputs on this device."""
-    if q.shape[-1] not in HEAD_DIMS or not launch_gluon.supported(q, k, v):
+    if kernel_head_dim(q.shape[-1]) is None or not launch_gluon.supported(q, k, v):
         return False
     return launch_gluon.supported(do, out, out) and do.dtype == q.dtype
 
@@ -108,8 +116,9 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
 
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
-    assert d in HEAD_DIMS, f"head dim {d}: not covered by the Gluon backward"
-    bm, bn, stages, consumers = config if config is not None else DEFAULT_CONFIG[d]
+    d_pad = kernel_head_dim(d)
+    assert d_pad is not None, f"head dim {d}: not covered by the Gluon backward"
+    bm, bn, stages, consumers = config if config is not None else DEFAULT_CONFIG[d_pad]
     s_pad = triton.cdiv(s_q, _S_PAD) * _S_PAD
     dev = q.device
 
@@ -118,10 +127,10 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
     num_bh = b * h
     _triton_k._bwd_preprocess_padded[(s_pad // _PRE_BLOCK_M, *launch_bwd._bh_axes(num_bh))](
         out, do, lse, delta, lse2, *out.stride()[:3], *do.stride()[:3], *lse.stride(), s_q, s_pad, h, num_bh,
-        HEAD_DIM=d, BLOCK_M=_PRE_BLOCK_M,
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=_PRE_BLOCK_M,
     )  # fmt: skip
     dq_acc = torch.zeros((b, h, s_q, d), dtype=torch.float32, device=dev)
-    dq_desc = _dq_descriptor(dq_acc, bm, d // consumers)
+    dq_desc = _dq_descriptor(dq_acc, bm, d_pad // consumers)
     # Gradients with their inputs' strides (``empty_like``), as the custom op's fake
     # implementation promises: a compiled graph views them the way it viewed q, k, v.
     dk = torch.empty_like(k)
@@ -131,10 +140,11 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
     grid = (triton.cdiv(s_k, consumers * bn) * b * h_kv,)
     maxnreg, consumer_regs = _REGS[consumers]
     bwd_gluon.attn_bwd_gluon_kernel[grid](
-        desc(q, bm), desc(do, bm), desc(k, bn), desc(v, bn), desc(dk, bn), desc(dv, bn),
+        desc(q, bm, d_pad), desc(do, bm, d_pad), desc(k, bn, d_pad), desc(v, bn, d_pad), desc(dk, bn, d_pad),
+        desc(dv, bn, d_pad),
         dq_desc, _row_descriptor(lse2, bm), _row_descriptor(delta, bm),
         h_kv, h // h_kv, s_q, s_k, scale * _LOG2E, scale,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
+        HEAD_DIM=d_pad, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
         CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
     return torch.empty_like(q).copy_(dq_acc), dk, dv

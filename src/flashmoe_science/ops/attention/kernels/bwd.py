@@ -94,9 +94,9 @@ def _bwd_preprocess_padded(
     O, DO, LSE, DELTA, LSE2,
     stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos, stride_lb, stride_lh, stride_ls,
     seqlen_q, S_PAD, H, NUM_BH,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """For the Gluon backward (dense, power-of-two head dim): delta = rowsum(dO * O) and
+    """For the Gluon backward (dense; BLOCK_D: HEAD_DIM rounded up to a power of two): delta = rowsum(dO * O) and
     lse2 = lse * log2(e) (+inf for rows that saw no key) into contiguous float32 (B, H, S_PAD)
     buffers, every row written: delta = 0 and lse2 = +inf past S_q (P = 0 there)."""
     pid_m = tl.program_id(0)
@@ -106,12 +106,12 @@ def _bwd_preprocess_padded(
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     row = offs_m.to(tl.int64)
     o = _load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh + row[:, None] * stride_os + offs_d[None, :],
-                   offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM)  # fmt: skip
+                   offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D)  # fmt: skip
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh + row[:, None] * stride_dos + offs_d[None, :],
-                    offs_m, seqlen_q, offs_d, HEAD_DIM, HEAD_DIM)  # fmt: skip
+                    offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D)  # fmt: skip
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     lse2 = _load_lse2(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + row * stride_ls, offs_m, seqlen_q)
     out = pid_bh.to(tl.int64) * S_PAD + row
