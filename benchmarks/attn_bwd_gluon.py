@@ -109,8 +109,9 @@ def bench(out_dir: str, only_passed: dict | None) -> None:
                 print(f"{name} {label}: {e}", flush=True)
         args = (do, q, k, v, out, lse, causal, scale)
         impls["triton"] = functools.partial(launch_bwd.attention_bwd, *args)
-        for cfg in launch_bwd_gluon.CANDIDATE_CONFIGS[launch_bwd_gluon.kernel_head_dim(d)]:
-            key = ",".join(map(str, (d, *cfg)))
+        d_kernel = launch_bwd_gluon.kernel_head_dim(d)
+        for cfg in launch_bwd_gluon.CANDIDATE_CONFIGS[d_kernel]:
+            key = ",".join(map(str, (d_kernel, *cfg)))  # the check phase runs the kernel head dims
             if only_passed is not None and only_passed.get(key) != "pass":
                 continue
             impls[f"gluon{cfg}"] = functools.partial(launch_bwd_gluon.attention_bwd_gluon, *args, config=cfg)
