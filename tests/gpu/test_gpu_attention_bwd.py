@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from _attention import check_grads, reference_grads, varlen_ref_fn
+from _attention import check_grads, poison_allocations, reference_grads, varlen_ref_fn
 
 from flashmoe_science import flash_attention_science, flash_attention_varlen
 from flashmoe_science.ops.attention import launch_bwd, reference
@@ -31,16 +31,6 @@ def _one_config(monkeypatch):
     monkeypatch.setenv("FLASHMOE_ATTN_GLUON_BWD", "0")
 
 
-def _poison_allocations(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
 @pytest.mark.parametrize("d", HEAD_DIMS)
@@ -54,7 +44,7 @@ def test_dense_grads(dtype, d, heads, causal, monkeypatch):
     scale = 1.0 / math.sqrt(d)
     out, lse = reference.attention_ref(q, k, v, causal, scale)
     do = torch.randn_like(q)
-    _poison_allocations(monkeypatch)
+    poison_allocations(monkeypatch)
     grads = launch_bwd.attention_bwd(do, q, k, v, out, lse, causal, scale)
     torch.cuda.synchronize()
     monkeypatch.undo()

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from _attention import check_grads, reference_grads
+from _attention import check_grads, poison_allocations, reference_grads
 
 from flashmoe_science import flash_attention_science
 from flashmoe_science.ops.attention import launch_bwd, launch_bwd_gluon, reference
@@ -27,16 +27,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _hopper(), reason="needs a
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-def _poison_allocations(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
-
-
 def _check(b, h, h_kv, s_q, s_k, d, causal, dtype, monkeypatch, config=None):
     q = torch.randn(b, h, s_q, d, dtype=dtype, device="cuda")
     k = torch.randn(b, h_kv, s_k, d, dtype=dtype, device="cuda")
@@ -45,7 +35,7 @@ def _check(b, h, h_kv, s_q, s_k, d, causal, dtype, monkeypatch, config=None):
     out, lse = reference.attention_ref(q, k, v, causal, scale)
     do = torch.randn_like(q)
     assert launch_bwd_gluon.supported(q, k, v, do, out)
-    _poison_allocations(monkeypatch)
+    poison_allocations(monkeypatch)
     grads = launch_bwd_gluon.attention_bwd_gluon(do, q, k, v, out, lse, causal, scale, config=config)
     torch.cuda.synchronize()
     monkeypatch.undo()
@@ -92,9 +82,10 @@ def test_gluon_bwd_candidate_configs(d, config, causal, monkeypatch):
     _check(1, 8, 2, 333, 711, d, causal, torch.bfloat16, monkeypatch, config=config)
 
 
-def test_routing(monkeypatch):
-    """``launch_bwd.attention_bwd`` runs the Gluon kernel by default on Hopper; deterministic mode
-    and ``FLASHMOE_ATTN_GLUON_BWD=0`` keep it on the Triton kernels."""
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """Default routing (no opt-out, not deterministic); records each call of the Gluon
+    backward launcher, which still runs."""
     calls = []
     real = launch_bwd_gluon.attention_bwd_gluon
     monkeypatch.setattr(
@@ -102,6 +93,12 @@ def test_routing(monkeypatch):
     )
     monkeypatch.delenv("FLASHMOE_ATTN_GLUON_BWD", raising=False)
     monkeypatch.delenv("FLASHMOE_DETERMINISTIC", raising=False)
+    return calls
+
+
+def test_routing(gluon_calls, monkeypatch):
+    """``launch_bwd.attention_bwd`` runs the Gluon kernel by default on Hopper; deterministic mode
+    and ``FLASHMOE_ATTN_GLUON_BWD=0`` keep it on the Triton kernels."""
     monkeypatch.setenv("FLASHMOE_ATTN_BWD_TUNE", "0")
     q = torch.randn(1, 4, 200, 128, dtype=torch.bfloat16, device="cuda")
     k, v = torch.randn_like(q), torch.randn_like(q)
@@ -110,26 +107,19 @@ def test_routing(monkeypatch):
     do = torch.randn_like(q)
     want = reference_grads(q, k, v, do, True, scale, reference.attention_ref)
     check_grads(launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale), *want)
-    assert calls == [1]
+    assert gluon_calls == [1]
     monkeypatch.setenv("FLASHMOE_DETERMINISTIC", "1")
     check_grads(launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale), *want)
-    assert calls == [1]
+    assert gluon_calls == [1]
     monkeypatch.delenv("FLASHMOE_DETERMINISTIC")
     monkeypatch.setenv("FLASHMOE_ATTN_GLUON_BWD", "0")
     check_grads(launch_bwd.attention_bwd(do, q, k, v, out, lse, True, scale), *want)
-    assert calls == [1]
+    assert gluon_calls == [1]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_public_api_runs_gluon_bwd(causal, monkeypatch):
+def test_public_api_runs_gluon_bwd(causal, gluon_calls):
     """``flash_attention_science``'s autograd backward reaches the Gluon kernel (GQA 8:2, D 128)."""
-    calls = []
-    real = launch_bwd_gluon.attention_bwd_gluon
-    monkeypatch.setattr(
-        launch_bwd_gluon, "attention_bwd_gluon", lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    )
-    monkeypatch.delenv("FLASHMOE_ATTN_GLUON_BWD", raising=False)
-    monkeypatch.delenv("FLASHMOE_DETERMINISTIC", raising=False)
     q = torch.randn(2, 8, 1000, 128, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(2, 2, 1000, 128, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
@@ -137,7 +127,7 @@ def test_public_api_runs_gluon_bwd(causal, monkeypatch):
     out = flash_attention_science(*leaves, causal=causal)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, do)
-    assert calls == [1]
+    assert gluon_calls == [1]
     check_grads(grads, *reference_grads(q, k, v, do, causal, 1.0 / math.sqrt(128), reference.attention_ref))
 
 
@@ -153,7 +143,7 @@ def test_grads_keep_input_strides(causal, monkeypatch):
     out, lse = reference.attention_ref(q, k, v, causal, scale)
     do = torch.randn_like(q)
     assert launch_bwd_gluon.supported(q, k, v, do, out)
-    _poison_allocations(monkeypatch)
+    poison_allocations(monkeypatch)
     grads = launch_bwd_gluon.attention_bwd_gluon(do, q, k, v, out, lse, causal, scale)
     torch.cuda.synchronize()
     monkeypatch.undo()
