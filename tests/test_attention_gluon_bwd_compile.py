@@ -77,7 +77,7 @@ _SCRIPT = textwrap.dedent(
         regs_used = int(re.findall(r"Used (\\d+) registers", log)[-1])
         spill = int(re.findall(r"(\\d+) bytes spill stores", log)[-1])
         print("config", config, "regs", regs_used, "spill", spill, "smem", k.metadata.shared)
-        # At most a few words (ptxas's 8-byte stack frame; the shipped Gluon forward has 12 B)
+        # At most a few words (ptxas's stack frame; the shipped Gluon forward has 12 B)
         # unless the config has a measured allowance (launch_bwd_gluon.SPILL_BYTES).
         assert spill <= L.SPILL_BYTES.get((d, config), 16), (config, spill, log[-800:])
     print("ok")

@@ -219,3 +219,25 @@ def test_bwd_preprocess_padded(d):
     want_lse2[..., :s_q] = torch.where(torch.isneginf(lse), math.inf, lse * math.log2(math.e)).double().cpu()
     torch.testing.assert_close(delta.double().cpu(), want_delta, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(lse2.double().cpu(), want_lse2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("h_kv", [0, 2])
+def test_zero_query_heads_backward(h_kv):
+    """H = 0 (the API accepts it when H % H_kv == 0): zero gradients of the right shapes, no
+    launch (a grid over B * H = 0 programs used to divide by zero sizing its axes)."""
+    q = torch.randn(2, 0, 10, 64, device=DEVICE)
+    k = torch.randn(2, h_kv, 12, 64, device=DEVICE)
+    v = torch.randn_like(k)
+    out, lse = torch.zeros_like(q), torch.zeros(2, 0, 10, device=DEVICE)
+    grads = launch_bwd.attention_bwd(torch.randn_like(q), q, k, v, out, lse, True, 0.125)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert all(not g.any() for g in grads)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    qv = torch.randn(10, 0, 64, device=DEVICE)
+    kv = torch.randn(10, h_kv, 64, device=DEVICE)
+    grads = launch_bwd.attention_varlen_bwd(
+        torch.randn_like(qv), qv, kv, kv.clone(), torch.zeros_like(qv), torch.zeros(0, 10, device=DEVICE),
+        cu, cu, 6, 6, True, 0.125,
+    )  # fmt: skip
+    assert [g.shape for g in grads] == [qv.shape, kv.shape, kv.shape]
+    assert all(not g.any() for g in grads)

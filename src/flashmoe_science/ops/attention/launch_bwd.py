@@ -260,7 +260,7 @@ def attention_bwd(do, q, k, v, out, lse, causal: bool, scale: float):
         return tuple(g.to(torch.bfloat16) for g in attention_bwd(*up, lse, causal, scale))
     b, h, s_q, _ = q.shape
     s_k = k.shape[2]
-    if b == 0 or s_q == 0 or s_k == 0:  # nothing to launch: no row sees a key
+    if b == 0 or h == 0 or s_q == 0 or s_k == 0:  # nothing to launch (no head, or no row sees a key)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if q.is_cuda and not deterministic_requested():
         # Hopper, D 64 / 128: the warp-specialised Gluon backward (dQ summed by TMA reductions
@@ -282,7 +282,8 @@ def attention_varlen_bwd(
     the general kernels, ``short=True`` the short ones wherever they can run)."""
     _check(do=do, q=q, k=k, v=v, out=out)
     batch = cu_seqlens_q.shape[0] - 1
-    if batch <= 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.shape[0] == 0:
+    empty = batch <= 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or q.shape[0] == 0 or k.shape[0] == 0
+    if empty or q.shape[1] == 0:  # nothing to launch (no head, or no row sees a key)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if short is not False and launch_short.applies(
         q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backward=True, force=bool(short)

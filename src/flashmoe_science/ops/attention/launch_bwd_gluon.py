@@ -29,7 +29,6 @@ from . import launch_gluon
 HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
 _S_PAD = 128  # lse2 / delta rows are padded to a multiple of this (>= every BLOCK_M)
-_SMEM_LIMIT = 227 * 1024 - 1024
 _PRE_BLOCK_M = 64
 
 # (BLOCK_M, BLOCK_N per consumer, NUM_STAGES, consumers). Chosen on an H100 (docs/attention_bwd.md,
@@ -66,11 +65,14 @@ def smem_bytes(config: _Cfg, d: int, elem: int = 2) -> int:
 
 
 def kernel_head_dim(d: int) -> int | None:
-    """The head dim the kernel runs d at (64 or 128), or None: as the Gluon forward, a multiple
-    of 8 between 64 and 128 (80, 96, 112) runs as 128 with 128-wide TMA boxes over the real d
-    columns (the rest load as zeros; dK/dV stores and dQ reductions clip them)."""
-    p = launch_gluon.padded_head_dim(d)
-    return p if p in HEAD_DIMS else None
+    """The head dim the kernel runs d at (64 or 128), or None: 80, 96 and 112 run as 128 with
+    128-wide TMA boxes over the real d columns (the rest load as zeros; dK/dV stores and dQ
+    reductions clip them), as the Gluon forward does. Other multiples of 8 between 64 and 128,
+    which the forward also pads, have not run through this backward on a GPU: they stay on the
+    Triton kernels."""
+    if d in HEAD_DIMS:
+        return d
+    return 128 if d in (80, 96, 112) else None
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, out: torch.Tensor) -> bool:

@@ -104,7 +104,7 @@ def _bwd_preprocess_padded(
     if pid_bh >= NUM_BH:
         return
     b = pid_bh // H
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)  # int64: h * stride_h passes 2**31 on long sequences
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row = offs_m.to(tl.int64)
@@ -148,7 +148,7 @@ def _bwd_preprocess(
     if pid_bh >= NUM_BH:
         return
     b = pid_bh // H
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)  # int64: h * stride_h passes 2**31 on long sequences
     q_start, seqlen_q = _seq_bounds(cu_seqlens_q, b, seqlen_q, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
@@ -308,7 +308,7 @@ def _bwd_dkdv(
     if pid_bh >= NUM_BH:
         return
     b = pid_bh // H_KV
-    hk = pid_bh % H_KV
+    hk = (pid_bh % H_KV).to(tl.int64)  # int64 head offsets (h * stride_h passes 2**31)
     q_start, seqlen_q = _seq_bounds(cu_seqlens_q, b, seqlen_q, IS_VARLEN)
     k_start, seqlen_k = _seq_bounds(cu_seqlens_k, b, seqlen_k, IS_VARLEN)
     start_n = pid_n * BLOCK_N
@@ -488,7 +488,7 @@ def _bwd_dq(
     if pid_bh >= NUM_BH:
         return
     b = pid_bh // H
-    hq = pid_bh % H
+    hq = (pid_bh % H).to(tl.int64)  # int64 head offsets (h * stride_h passes 2**31)
     hk = hq // GROUP
     q_start, seqlen_q = _seq_bounds(cu_seqlens_q, b, seqlen_q, IS_VARLEN)
     k_start, seqlen_k = _seq_bounds(cu_seqlens_k, b, seqlen_k, IS_VARLEN)

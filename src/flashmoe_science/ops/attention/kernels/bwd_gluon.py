@@ -1,11 +1,12 @@
 """Attention backward for Hopper (sm_90) in Gluon: warp-specialised, FlashAttention-3 style.
 
-The default backward on Hopper for dense D 64 / 128 inputs (``launch_bwd.attention_bwd``;
+The default backward on Hopper for dense D 64 / 128 inputs, 80 / 96 / 112 run as 128 by the
+launcher's 128-wide TMA boxes (``launch_bwd.attention_bwd``;
 not in deterministic mode: dQ is summed in an order that varies run to run). Measured in
 docs/attention_bwd.md.
 
 Shape letters: B batch, H query heads, H_kv key/value heads (GROUP = H // H_kv), S_q / S_k
-sequence lengths, D head dim (64 or 128).
+sequence lengths, D the kernel's head dim (64 or 128).
 
 One program per (KV block of ``NUM_CONSUMERS * BLOCK_N`` key rows, batch, KV head):
 
@@ -29,7 +30,7 @@ One program per (KV block of ``NUM_CONSUMERS * BLOCK_N`` key rows, batch, KV hea
     double-buffered by tile parity with ``ds_full`` / ``ds_empty`` mbarriers. A consumer's dQ
     tile (float32) is staged in shared memory and added into a zeroed float32 (B, H, S_q, D)
     buffer by a TMA reduce-add (``cp.reduce.async.bulk.tensor``, summed in L2): one reduction
-    per (query tile, 128 keys), a bulk transfer instead of per-element atomics; the launcher
+    per (query tile, program's key block), a bulk transfer instead of per-element atomics; the launcher
     casts the buffer. A program starts its walk over a head's query blocks at a block rotated
     by its KV block index, so concurrent programs reduce into different rows;
   * the epilogue stores dK / dV by TMA, staged in the consumer's K / V buffers once every
