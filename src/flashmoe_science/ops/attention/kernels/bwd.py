@@ -89,6 +89,19 @@ def _pid_bh():
     return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
 
 
+@triton.jit
+def _rowsum_do_o(O, DO, b, h, rows, offs_m, seqlen_q, stride_ob, stride_oh, stride_os, stride_dob, stride_doh,
+                 stride_dos, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """delta = rowsum(dO * O) in float32 over ``rows`` (int64 sequence rows) of head (b, h);
+    rows at or past ``seqlen_q`` (``offs_m``) and columns past HEAD_DIM read as zero."""
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :],
+                   offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D)  # fmt: skip
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                    offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D)  # fmt: skip
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+
+
 @triton.jit(do_not_specialize=["seqlen_q", "S_PAD", "H", "NUM_BH"])
 def _bwd_preprocess_padded(
     O, DO, LSE, DELTA, LSE2,
@@ -96,9 +109,10 @@ def _bwd_preprocess_padded(
     seqlen_q, S_PAD, H, NUM_BH,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """For the Gluon backward (dense; BLOCK_D: HEAD_DIM rounded up to a power of two): delta = rowsum(dO * O) and
-    lse2 = lse * log2(e) (+inf for rows that saw no key) into contiguous float32 (B, H, S_PAD)
-    buffers, every row written: delta = 0 and lse2 = +inf past S_q (P = 0 there)."""
+    """For the Gluon backward (dense; BLOCK_D: HEAD_DIM rounded up to a power of two):
+    delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf for rows that saw no key) into
+    contiguous float32 (B, H, S_PAD) buffers, every row written: delta = 0 and lse2 = +inf past
+    S_q (P = 0 there)."""
     pid_m = tl.program_id(0)
     pid_bh = _pid_bh()
     if pid_bh >= NUM_BH:
@@ -106,13 +120,9 @@ def _bwd_preprocess_padded(
     b = pid_bh // H
     h = (pid_bh % H).to(tl.int64)  # int64: h * stride_h passes 2**31 on long sequences
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row = offs_m.to(tl.int64)
-    o = _load_rows(O + b.to(tl.int64) * stride_ob + h * stride_oh + row[:, None] * stride_os + offs_d[None, :],
-                   offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D)  # fmt: skip
-    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h * stride_doh + row[:, None] * stride_dos + offs_d[None, :],
-                    offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D)  # fmt: skip
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    delta = _rowsum_do_o(O, DO, b, h, row, offs_m, seqlen_q, stride_ob, stride_oh, stride_os, stride_dob, stride_doh,
+                         stride_dos, HEAD_DIM, BLOCK_D)  # fmt: skip
     lse2 = _load_lse2(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + row * stride_ls, offs_m, seqlen_q)
     out = pid_bh.to(tl.int64) * S_PAD + row
     tl.store(DELTA + out, delta)
@@ -154,25 +164,9 @@ def _bwd_preprocess(
     if start_m >= seqlen_q:
         return
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row0 = (q_start + offs_m).to(tl.int64)
-    o = _load_rows(
-        O + b.to(tl.int64) * stride_ob + h * stride_oh + row0[:, None] * stride_os + offs_d[None, :],
-        offs_m,
-        seqlen_q,
-        offs_d,
-        HEAD_DIM,
-        BLOCK_D,
-    )
-    do = _load_rows(
-        DO + b.to(tl.int64) * stride_dob + h * stride_doh + row0[:, None] * stride_dos + offs_d[None, :],
-        offs_m,
-        seqlen_q,
-        offs_d,
-        HEAD_DIM,
-        BLOCK_D,
-    )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    delta = _rowsum_do_o(O, DO, b, h, row0, offs_m, seqlen_q, stride_ob, stride_oh, stride_os, stride_dob,
+                         stride_doh, stride_dos, HEAD_DIM, BLOCK_D)  # fmt: skip
     tl.store(
         DELTA + b.to(tl.int64) * stride_deltab + h * stride_deltah + row0 * stride_deltas,
         delta,
