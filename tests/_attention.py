@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from _numerics import assert_close_rule
 
@@ -47,3 +49,20 @@ def poison_allocations(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
+
+
+def check_public_api_fwd_bwd(causal):
+    """``flash_attention_science`` forward + autograd backward on CUDA (GQA 8:2, D 128, 1000
+    tokens, bf16) against the float64 oracle by the rule; which backward runs is the caller's
+    (environment) choice."""
+    from flashmoe_science import flash_attention_science
+    from flashmoe_science.ops.attention import reference
+
+    q = torch.randn(2, 8, 1000, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(2, 2, 1000, 128, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = flash_attention_science(*leaves, causal=causal)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, do)
+    check_grads(grads, *reference_grads(q, k, v, do, causal, 1.0 / math.sqrt(128), reference.attention_ref))
