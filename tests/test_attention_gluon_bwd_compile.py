@@ -12,34 +12,16 @@ gives it a measured allowance (D128's default: 72-104 bytes of loop-invariant sc
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
-import triton
+from _sm90 import SM90_DRIVER, ptxas_available, run_script
 
-_SCRIPT = textwrap.dedent(
+_SCRIPT = SM90_DRIVER + textwrap.dedent(
     """
     import os, re, subprocess, sys, tempfile
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class Sm90:  # enough of a driver for JITFunction.warmup to compile
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    driver.set_active(Sm90())
+    from _sm90 import ptxas_path
     from flashmoe_science.ops.attention import launch_bwd_gluon as L, launch_gluon
     from flashmoe_science.ops.attention.kernels import bwd_gluon
 
@@ -49,9 +31,7 @@ _SCRIPT = textwrap.dedent(
     kv = torch.empty(2, 2, 777, d, dtype=dtype)
     lse2 = torch.empty(2, 4, 1024)
     dq = torch.empty(2, 4, 1000, d)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        ptxas = "ptxas"
+    ptxas = ptxas_path()
     desc = launch_gluon._descriptor
     assert L.DEFAULT_CONFIG[d] in L.CANDIDATE_CONFIGS[d]
     for config in L.CANDIDATE_CONFIGS[d]:
@@ -85,11 +65,6 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _ptxas_available() -> bool:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return os.path.exists(path) or shutil.which("ptxas") is not None
-
-
 CASES = [
     (128, "full", "bf16"),
     (128, "causal", "fp16"),
@@ -98,16 +73,9 @@ CASES = [
 ]
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's ptxas is not installed")
+@pytest.mark.skipif(not ptxas_available(), reason="triton's ptxas is not installed")
 @pytest.mark.parametrize("head_dim, mask, dtype", CASES)
 def test_gluon_attention_bwd_compiles_for_sm90(head_dim, mask, dtype):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # This checkout's sources, not whichever copy the environment has installed (a git worktree).
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    res = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(head_dim), mask, dtype], env=env, capture_output=True,
-        text=True, timeout=900,
-    )  # fmt: skip
+    res = run_script(_SCRIPT, str(head_dim), mask, dtype, timeout=900)
     print(res.stdout)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]

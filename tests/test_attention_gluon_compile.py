@@ -8,33 +8,15 @@ stand-in driver that reports an sm_90 target; ``warmup`` compiles without launch
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
-import triton
+from _sm90 import SM90_DRIVER, ptxas_available, run_script
 
-_SCRIPT = textwrap.dedent(
+_SCRIPT = SM90_DRIVER + textwrap.dedent(
     """
     import sys
     import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class Sm90:  # enough of a driver for JITFunction.warmup to compile
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    driver.set_active(Sm90())
     from flashmoe_science.ops.attention import launch_gluon
     from flashmoe_science.ops.attention.kernels import fwd_gluon
 
@@ -67,11 +49,6 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _ptxas_available() -> bool:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return os.path.exists(path) or shutil.which("ptxas") is not None
-
-
 # (head dim, mask, dtype, extra configs as "BM,BN,stages,pingpong,consumers,schedule"). 80/96 run
 # as 128 (padded inside the kernel); 256 stages its output in Q's buffer (O_IN_Q) at BLOCK_N 64,
 # and the 256 extras cover a separate output buffer (BLOCK_N 32, 3 stages) and the other two
@@ -88,12 +65,8 @@ CASES = [
 ]
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's ptxas is not installed")
+@pytest.mark.skipif(not ptxas_available(), reason="triton's ptxas is not installed")
 @pytest.mark.parametrize("head_dim, mask, dtype, extra", CASES)
 def test_gluon_attention_compiles_for_sm90(head_dim, mask, dtype, extra):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(head_dim), mask, dtype, *extra], env=env, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
+    res = run_script(_SCRIPT, str(head_dim), mask, dtype, *extra, timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

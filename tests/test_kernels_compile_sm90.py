@@ -8,20 +8,10 @@ It runs in a subprocess: under ``TRITON_INTERPRET=1`` (set by conftest on CPU ma
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
-import triton
-
-
-def _ptxas_available() -> bool:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return os.path.exists(path) or shutil.which("ptxas") is not None
-
+from _sm90 import ptxas_available, run_script
 
 _SCRIPT = textwrap.dedent(
     """
@@ -59,11 +49,8 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's ptxas is not installed")
+@pytest.mark.skipif(not ptxas_available(), reason="triton's ptxas is not installed")
 @pytest.mark.parametrize("head_dim", [32, 128])
 def test_kernels_compile_for_sm90(head_dim):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(head_dim)], env=env, capture_output=True, text=True, timeout=600
-    )
+    res = run_script(_SCRIPT, str(head_dim), timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
