@@ -87,6 +87,11 @@ SUITES: dict[str, Suite] = {
         _MAIN + (_GQA,) + _HDIM64,
         _QUICK,
     ),
+    "short": Suite(
+        "issue 3's short sequences (512/1k, hdim 128) where host time per call shows",
+        _SHORT,
+        _SHORT[:2],
+    ),
     # Tiny shapes for the CPU tests: odd length, GQA, causal with S_q != S_k.
     "smoke": Suite(
         "tiny CPU shapes (tests)",

@@ -11,7 +11,7 @@ import torch
 from _numerics import assert_close_rule
 
 from flashmoe_science import flash_attention_science
-from flashmoe_science.ops.attention import launch, launch_gluon, reference
+from flashmoe_science.ops.attention import api, launch, launch_gluon, reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -20,6 +20,18 @@ pytestmark = [
         reason="the Gluon kernel needs an sm_90 GPU",
     ),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_replays():
+    """Each test starts with no recorded replays and no remembered direct calls, so a test that
+    counts kernel launches does not depend on what ran before it in the same process."""
+    launch_gluon._REPLAYS.clear()
+    api._DIRECT.clear()
+    yield
+    launch_gluon._REPLAYS.clear()
+    api._DIRECT.clear()
+
 
 DTYPES = [torch.float16, torch.bfloat16]
 # (B, H, H_kv, S_q, S_k)
@@ -183,3 +195,81 @@ def test_broadcast_kv_is_not_covered():
     q = torch.randn(1, 4, 64, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 1, 64, 128, device="cuda", dtype=torch.bfloat16).expand(1, 4, 64, 128)
     assert not launch_gluon.supported(q, k, k)
+
+
+def _check_api(q, k, v, causal, scale=None):
+    out, lse = flash_attention_science(q, k, v, causal=causal, softmax_scale=scale, return_lse=True)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    r_out, r_lse = reference.attention_ref(q, k, v, causal, scale, compute_dtype=torch.float64)
+    p_out, p_lse = reference.attention_ref(q, k, v, causal, scale, compute_dtype=q.dtype)
+    assert_close_rule(out, r_out, p_out, name="out")
+    assert_close_rule(lse, r_lse, p_lse.float(), name="lse")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_replay(causal, monkeypatch):
+    """Eager calls with metadata seen before relaunch the recorded compiled kernel without
+    Triton's binder (``launch_gluon.replay_fwd``): new data, another scale and poisoned outputs
+    still meet the rule; other strides record their own replay; an unaligned base, a launch
+    hook and FLASHMOE_ATTN_GLUON=0 do not replay."""
+    from triton import knobs
+
+    from flashmoe_science.ops.attention.kernels import fwd_gluon
+
+    monkeypatch.setenv("FLASHMOE_BACKEND", "auto")
+    monkeypatch.setenv("FLASHMOE_ATTN_GLUON", "1")
+    nan = float("nan")
+    monkeypatch.setattr(launch, "_empty", lambda s, dt, dev: torch.full(s, nan, dtype=dt, device=dev))
+    kernel = fwd_gluon.attn_fwd_gluon_kernel
+    jit, replays = [], []
+    real_run, real_replay = kernel.run, launch_gluon.replay_fwd
+    monkeypatch.setattr(kernel, "run", lambda *a, **kw: jit.append(1) or real_run(*a, **kw))
+
+    def counted(*a, **kw):
+        res = real_replay(*a, **kw)
+        replays.append(res is not None)
+        return res
+
+    monkeypatch.setattr(launch_gluon, "replay_fwd", counted)
+
+    def qkv(bshd=False):
+        def rand(h):
+            if bshd:  # (B, S, H, D) storage viewed as (B, H, S, D)
+                return torch.randn(2, 300, h, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            return torch.randn(2, h, 300, 128, device="cuda", dtype=torch.bfloat16)
+
+        return rand(8), rand(2), rand(2)
+
+    _check_api(*qkv(), causal)
+    assert (len(jit), replays) == (1, [False])
+    _check_api(*qkv(), causal)  # remembered metadata: straight to the replay
+    _check_api(*qkv(), causal, scale=0.05)  # another scale: checked again, then replayed
+    assert (len(jit), replays) == (1, [False, True, True])
+    _check_api(*qkv(bshd=True), causal)  # other strides: a launch of their own ...
+    _check_api(*qkv(bshd=True), causal)  # ... then replayed
+    assert (len(jit), replays[3:]) == (2, [False, True])
+
+    # Same shapes and strides over a base 2 bytes off 16-byte alignment: no TMA, no replay
+    # (the Triton kernel runs).
+    q, k, v = qkv()
+    buf = torch.randn(q.numel() + 1, device="cuda", dtype=q.dtype)
+    q_off = buf[1:].view(q.shape)
+    _check_api(q_off, k, v, causal)
+    assert (len(jit), replays[5:]) == (2, [False])
+
+    # A launch hook (a profiler): Triton's full path, so the hook sees the launch.
+    seen = []
+
+    def hook(meta):
+        seen.append(1)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        _check_api(*qkv(), causal)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert (len(jit), len(seen) > 0, replays[6:]) == (3, True, [False])
+
+    monkeypatch.setenv("FLASHMOE_ATTN_GLUON", "0")
+    _check_api(*qkv(), causal)
+    assert (len(jit), replays[7:]) == (3, [])

@@ -7,6 +7,7 @@ D head dim, T_q / T_k total packed tokens (varlen).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -66,6 +67,27 @@ def _check_kernel_support(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         )
 
 
+# Eager inference at short sequences is host-bound (docs/attention_fwd.md, "Short sequences"):
+# the checks below depend only on metadata (types, shapes, dtypes, devices, the mask flag, the
+# scale argument and FLASHMOE_BACKEND), so a call whose metadata already passed them on the way
+# to the direct launch skips them. Values: the softmax scale that call used.
+_DIRECT: dict[tuple, float] = {}
+_MAX_DIRECT = 1024
+
+
+def _direct_key(q, k, v, causal, softmax_scale) -> tuple | None:
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return None
+    if not q.is_cuda or type(causal) is not bool:
+        return None
+    if softmax_scale is not None and type(softmax_scale) is not float:
+        return None
+    return (
+        q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+        os.environ.get("FLASHMOE_BACKEND"), causal, softmax_scale,
+    )  # fmt: skip
+
+
 def flash_attention_science(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -98,6 +120,15 @@ def flash_attention_science(
     CUDA float16/bfloat16 runs the Triton kernels; CPU and float32/float64 run the
     reference path (float32 accumulation).
     """
+    if not torch.compiler.is_compiling():
+        # Metadata validated by an earlier eager call that went straight to the launcher.
+        key = _direct_key(q, k, v, causal, softmax_scale)
+        scale = _DIRECT.get(key) if key is not None else None
+        if scale is not None and direct_launch_ok(q, k, v):
+            from . import launch
+
+            out, lse = launch.attention_fwd(q, k, v, causal, scale)
+            return (out, lse) if return_lse else out
     _check_common(q, k, v, ndim=4)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise ValueError(
@@ -125,6 +156,11 @@ def flash_attention_science(
             from . import launch
 
             out, lse = launch.attention_fwd(q, k, v, causal, scale)
+            key = _direct_key(q, k, v, causal, softmax_scale)
+            if key is not None:
+                if len(_DIRECT) >= _MAX_DIRECT:
+                    _DIRECT.clear()
+                _DIRECT[key] = scale
             return (out, lse) if return_lse else out
     out, lse = autograd.attention(q, k, v, causal, scale, use_kernel)
     return (out, lse) if return_lse else out

@@ -172,18 +172,24 @@ def _descriptor(t: torch.Tensor, rows: int, d_pad: int | None = None):
 _FAST_DESCRIPTORS = True
 
 
-def attention_fwd(q, k, v, causal: bool, scale: float, config: _Cfg | None = None, out=None, lse=None):
+def attention_fwd(
+    q, k, v, causal: bool, scale: float, config: _Cfg | None = None, out=None, lse=None, record: bool = False
+):
     """Dense forward (caller checked ``supported``; S_q, S_k > 0). q (B, H, S_q, D); k, v
     (B, H_kv, S_k, D). Returns out (B, H, S_q, D) contiguous and lse float32 (B, H, S_q).
     ``scale`` is the caller's (the API's default is 1/sqrt(D) of the real D, not the padded one).
     The kernel runs at head dim ``_pad(D)``; tests and benchmarks may call this directly for a D
-    the dispatch keeps on the Triton kernel (e.g. 32, run as 64)."""
+    the dispatch keeps on the Triton kernel (e.g. 32, run as 64).
+
+    ``record``: keep the compiled kernel for ``replay_fwd`` on later calls with the same
+    metadata (the dispatch passes it; only with the default config and contiguous out/lse)."""
     from .kernels import fwd_gluon
 
     b, h, s_q, d = q.shape
     h_kv, s_k = k.shape[1], k.shape[2]
     d_pad = _pad(d)
     assert d_pad and d % 8 == 0, f"head dim {d}: not covered by the Gluon kernel"
+    record = record and config is None
     config = config if config is not None else default_config(d_pad, causal, s_q)
     bm, bn, stages, pingpong, consumers, schedule = config
     _, o_in_q = smem_bytes(config, d_pad, q.element_size())
@@ -194,12 +200,80 @@ def attention_fwd(q, k, v, causal: bool, scale: float, config: _Cfg | None = Non
     tiles = triton.cdiv(s_q, consumers * bm) * b * h
     grid = (min(tiles, _num_sms(q.device)) if schedule else tiles,)
     maxnreg, consumer_regs = _REGS[consumers]
-    fwd_gluon.attn_fwd_gluon_kernel[grid](
-        _descriptor(q, bm, d_pad), _descriptor(k, bn, d_pad), _descriptor(v, bn, d_pad),
-        _descriptor(out, bm, d_pad), lse, lse.stride(0), lse.stride(1), b, h, h // h_kv, s_q, s_k,
-        scale * _LOG2E, HEAD_DIM=d_pad, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
+    params = dict(
+        q_desc=_descriptor(q, bm, d_pad), k_desc=_descriptor(k, bn, d_pad), v_desc=_descriptor(v, bn, d_pad),
+        o_desc=_descriptor(out, bm, d_pad), Lse=lse, stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+        B=b, H=h, GROUP=h // h_kv, seqlen_q=s_q, seqlen_k=s_k, qk_scale=scale * _LOG2E,
+        HEAD_DIM=d_pad, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
         CAUSAL=bool(causal), PINGPONG=bool(pingpong), CONSUMER_REGS=consumer_regs, SNAKE=schedule == 2,
         O_IN_Q=o_in_q,
-        num_warps=4, maxnreg=maxnreg,
     )  # fmt: skip
+    compiled = fwd_gluon.attn_fwd_gluon_kernel[grid](**params, num_warps=4, maxnreg=maxnreg)
+    if record and out.is_contiguous() and lse.is_contiguous():
+        _record_fwd(q, k, v, causal, compiled, grid, params)
+    return out, lse
+
+
+# Replays of the forward (``ops._replay``): eager inference at short sequences is host-bound
+# (a 512-token causal forward is ~30 us on the GPU; Triton's launch path alone took 35-40 us
+# of host time on the H100 machine). Keyed by everything the compiled kernel and its fixed
+# arguments depend on: q/k/v shapes and strides (-> B, H, GROUP, S_q, S_k, the descriptors'
+# shapes and strides, the config), dtype, device and the mask. Per call only the tensors,
+# the scale and the 16-byte alignment of q/k/v change (checked in ``replay_fwd``).
+_REPLAYS: dict[tuple, tuple] = {}
+_MAX_REPLAYS = 512
+_SLOTS = ("q_desc", "k_desc", "v_desc", "o_desc", "Lse", "qk_scale")
+
+
+def _replay_key(q, k, v, causal: bool) -> tuple:
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device, causal)
+
+
+def _record_fwd(q, k, v, causal, compiled, grid, params) -> None:
+    from .. import _replay
+    from .kernels import fwd_gluon
+
+    names = list(fwd_gluon.attn_fwd_gluon_kernel.arg_names)
+    device = _device_index(q.device)
+    if set(names) != set(params) or device != torch.cuda.current_device() or not _replay.active():
+        return
+    template = [params[n] for n in names]
+    slots = tuple(names.index(n) for n in _SLOTS)
+    descs = tuple((params[n].shape, params[n].strides) for n in _SLOTS[:4])
+    if len(_REPLAYS) >= _MAX_REPLAYS:
+        _REPLAYS.clear()
+    _REPLAYS[_replay_key(q, k, v, bool(causal))] = (
+        _replay.Replay(compiled, grid, device),
+        template,
+        slots,
+        descs,
+        tuple(params["Lse"].shape),
+    )
+
+
+def replay_fwd(q, k, v, causal: bool, scale: float, empty):
+    """The forward by replay of a kernel recorded for this metadata, or None (no recording
+    yet, unaligned data, launch hooks installed, another current device). ``empty(shape,
+    dtype, device)`` allocates out and lse (the dispatch's allocator)."""
+    entry = _REPLAYS.get(_replay_key(q, k, v, causal))
+    if entry is None or (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+        return None
+    from .. import _replay
+
+    replay, template, slots, descs, lse_shape = entry
+    if replay.device != torch.cuda.current_device() or not _replay.active():
+        return None
+    out = empty(q.shape, q.dtype, q.device)
+    lse = empty(lse_shape, torch.float32, q.device)
+    if (out.data_ptr() | lse.data_ptr()) & 15 or not out.is_contiguous() or not lse.is_contiguous():
+        return None
+    args = list(template)
+    sq, sk, sv, so, sl, ss = slots
+    args[sq] = _replay.TmaArg(q, *descs[0])
+    args[sk] = _replay.TmaArg(k, *descs[1])
+    args[sv] = _replay.TmaArg(v, *descs[2])
+    args[so] = _replay.TmaArg(out, *descs[3])
+    args[sl] = lse
+    args[ss] = scale * _LOG2E
+    replay(*args)
     return out, lse

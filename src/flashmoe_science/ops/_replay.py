@@ -1,0 +1,64 @@
+"""Re-launching an already compiled Triton/Gluon kernel without Triton's per-call Python.
+
+``kernel[grid](*args)`` re-derives the specialisation of every argument (divisibility of each
+int, alignment of each pointer, the type string of each host tensor descriptor), hashes it
+into the cache key and expands the descriptors on every call: 35-40 us of host time on the
+H100 machine for the attention forward, more than a 512-token forward takes on the GPU
+(docs/attention_fwd.md, "Short sequences"). A launcher that has run a kernel once for
+some fixed metadata (shapes, strides, dtype, config) can keep the ``CompiledKernel`` that
+call returned and launch it again directly, as TorchInductor's generated launchers do
+(``CompiledKernel.run`` with the stream, function and packed metadata).
+
+The caller owns correctness of the key: everything Triton specialises on must be fixed by
+it (here: exact shapes and strides, dtype, device, constexprs; pointer alignment is checked
+per call by the caller). Launch hooks (profilers such as Proton) make ``active`` False, so
+hooked launches take Triton's full path.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton import knobs
+
+
+class TmaArg:
+    """What Triton's launcher reads from a host tensor descriptor (base tensor, shape,
+    strides, padding): the descriptor's block shape and layout are fixed in the compiled
+    kernel's metadata, so a replay needs only these."""
+
+    __slots__ = ("base", "shape", "strides", "padding")
+
+    def __init__(self, base: torch.Tensor, shape: list[int], strides: list[int], padding: str = "zero"):
+        self.base, self.shape, self.strides, self.padding = base, shape, strides, padding
+
+
+def _no_hook(hook) -> bool:
+    # triton 3.6 keeps a HookChain (empty ``calls`` when nothing is installed); a plain
+    # callable or anything else counts as a hook.
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def active() -> bool:
+    """Whether replays may run now: no launch hooks installed."""
+    rt = knobs.runtime
+    return _no_hook(rt.launch_enter_hook) and _no_hook(rt.launch_exit_hook)
+
+
+class Replay:
+    """One compiled kernel with its grid and device. ``replay(*args)`` takes every kernel
+    parameter in declaration order, constexprs included (as ``bound_args`` in Triton's own
+    launch), with host descriptors as ``TmaArg`` (or ``TensorDescriptor``)."""
+
+    __slots__ = ("compiled", "grid", "device")
+
+    def __init__(self, compiled, grid: tuple[int, ...], device: int):
+        self.compiled = compiled
+        g = tuple(grid) + (1, 1)
+        self.grid = (int(g[0]), int(g[1]), int(g[2]))
+        self.device = device
+
+    def __call__(self, *args) -> None:
+        ck = self.compiled
+        g0, g1, g2 = self.grid
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        ck.run(g0, g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *args)
