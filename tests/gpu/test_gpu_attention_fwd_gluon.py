@@ -242,6 +242,9 @@ def test_replay(causal, monkeypatch):
 
     _check_api(*qkv(), causal)
     assert (len(jit), replays) == (1, [False])
+    # The recording keeps no tensor of the call that made it (no memory held by the cache).
+    (entry,) = launch_gluon._REPLAYS.values()
+    assert not any(isinstance(a, torch.Tensor) or hasattr(a, "base") for a in entry[1])
     _check_api(*qkv(), causal)  # remembered metadata: straight to the replay
     _check_api(*qkv(), causal, scale=0.05)  # another scale: checked again, then replayed
     assert (len(jit), replays) == (1, [False, True, True])

@@ -237,8 +237,10 @@ def _record_fwd(q, k, v, causal, compiled, grid, params) -> None:
     device = _device_index(q.device)
     if set(names) != set(params) or device != torch.cuda.current_device() or not _replay.active():
         return
-    template = [params[n] for n in names]
     slots = tuple(names.index(n) for n in _SLOTS)
+    # The per-call slots are filled by ``replay_fwd``: the template must not keep this call's
+    # tensors (q, k, v, out, lse) alive for as long as the entry lives.
+    template = [None if i in slots else params[n] for i, n in enumerate(names)]
     descs = tuple((params[n].shape, params[n].strides) for n in _SLOTS[:4])
     if len(_REPLAYS) >= _MAX_REPLAYS:
         _REPLAYS.clear()
