@@ -167,3 +167,39 @@ def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs a CUDA device or TRITON_INTERPRET=1"):
         flash_attention_science(*qkv(dtype=torch.float16))
+
+
+def test_varlen_value_checks_once_per_tensor_version(monkeypatch):
+    """The cu_seqlens value checks (a host sync each) run once per tensor and version: a model's
+    layers reuse one cu_seqlens. An in-place change, another total or max_seqlen, or a new
+    tensor with the same values is checked again; bad values written in place still raise."""
+    from flashmoe_science.ops.attention import api
+
+    seen = []
+    real = api._check_cu_values
+    monkeypatch.setattr(api, "_check_cu_values", lambda name, *a: seen.append(name) or real(name, *a))
+    q, k, v, cu_q, cu_k, mq, mk = varlen_args()
+    flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk)
+    assert seen == ["cu_seqlens_q", "cu_seqlens_k"]
+    flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk)  # the next layer: no sync
+    assert len(seen) == 2
+    flash_attention_varlen(q, k, v, cu_q, cu_k, mq + 1, mk)  # another max_seqlen_q
+    flash_attention_varlen(q, k, v, cu_q.clone(), cu_k, mq, mk)  # another tensor
+    assert seen[2:] == ["cu_seqlens_q", "cu_seqlens_q"]
+    cu_q[1] = 7  # in place: the version counter moves, the checks run again
+    with pytest.raises(ValueError, match="max_seqlen_q=6 but cu_seqlens_q has a sequence of 7"):
+        flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk)
+
+
+def test_varlen_inference_tensors_checked_every_call(monkeypatch):
+    """Tensors made under inference mode carry no version counter: no remembering."""
+    from flashmoe_science.ops.attention import api
+
+    seen = []
+    real = api._check_cu_values
+    monkeypatch.setattr(api, "_check_cu_values", lambda name, *a: seen.append(name) or real(name, *a))
+    with torch.inference_mode():
+        q, k, v, cu_q, cu_k, mq, mk = varlen_args()
+        for _ in range(2):
+            flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk)
+    assert seen == ["cu_seqlens_q", "cu_seqlens_k"] * 2

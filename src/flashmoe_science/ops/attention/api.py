@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 
@@ -166,6 +167,43 @@ def flash_attention_science(
     return (out, lse) if return_lse else out
 
 
+# cu_seqlens tensors whose values passed the checks: id -> (weakref, version, total, max_seqlen).
+# A model calls varlen attention once per layer with the same cu_seqlens, and the value checks
+# need a host sync: they run once per tensor, and again after an in-place change through
+# PyTorch (which bumps the tensor's version counter) or with another total / max_seqlen. Writes
+# that bypass PyTorch (a custom kernel filling a persistent buffer) do not bump the counter:
+# such a buffer is checked when first seen. Inference tensors have no version counter and are
+# checked on every call.
+_CU_CHECKED: dict[int, tuple] = {}
+_MAX_CU_CHECKED = 256
+
+
+def _cu_checked_before(cu: torch.Tensor, total: int, max_seqlen: int) -> bool:
+    hit = _CU_CHECKED.get(id(cu))
+    return hit is not None and hit[0]() is cu and hit[1:] == (cu._version, total, max_seqlen)
+
+
+def _remember_cu(cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+    if len(_CU_CHECKED) >= _MAX_CU_CHECKED:
+        _CU_CHECKED.clear()
+    _CU_CHECKED[id(cu)] = (weakref.ref(cu), cu._version, total, max_seqlen)
+
+
+def _check_cu_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:
+    """The value checks (one host sync)."""
+    c = cu.detach().to("cpu", torch.int64)
+    if c[0].item() != 0:
+        raise ValueError(f"{name} must start at 0, got {c[0].item()}")
+    lengths = c[1:] - c[:-1]
+    if bool((lengths < 0).any()):
+        raise ValueError(f"{name} must be non-decreasing, got {c.tolist()}")
+    if c[-1].item() != total:
+        raise ValueError(f"{name} ends at {c[-1].item()} but the packed tensor has {total} tokens")
+    longest = int(lengths.max().item()) if lengths.numel() else 0
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} but {name} has a sequence of {longest}")
+
+
 def _check_cu_seqlens(name: str, cu: object, total: int, max_seqlen: object, max_name: str):
     check_tensor(name, cu, ndim=1)
     check_int_tensor(name, cu, dtypes=(torch.int32,))
@@ -174,20 +212,16 @@ def _check_cu_seqlens(name: str, cu: object, total: int, max_seqlen: object, max
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     capturing = cu.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not torch.compiler.is_compiling() and not capturing:
-        # Value checks need the data; they are skipped while tracing or capturing a CUDA
-        # graph (the metadata checks above still run). One host sync here, never in kernels.
-        c = cu.detach().to("cpu", torch.int64)
-        if c[0].item() != 0:
-            raise ValueError(f"{name} must start at 0, got {c[0].item()}")
-        lengths = c[1:] - c[:-1]
-        if bool((lengths < 0).any()):
-            raise ValueError(f"{name} must be non-decreasing, got {c.tolist()}")
-        if c[-1].item() != total:
-            raise ValueError(f"{name} ends at {c[-1].item()} but the packed tensor has {total} tokens")
-        longest = int(lengths.max().item()) if lengths.numel() else 0
-        if longest > max_seqlen:
-            raise ValueError(f"{max_name}={max_seqlen} but {name} has a sequence of {longest}")
+    if torch.compiler.is_compiling() or capturing:
+        # Value checks need the data; they are skipped while tracing or capturing a CUDA graph
+        # (the metadata checks above still run). Never a sync inside the kernels.
+        return
+    tracked = not cu.is_inference()
+    if tracked and _cu_checked_before(cu, total, max_seqlen):
+        return
+    _check_cu_values(name, cu, total, max_seqlen, max_name)
+    if tracked:
+        _remember_cu(cu, total, max_seqlen)
 
 
 def flash_attention_varlen(
