@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
+import hashlib
 import importlib
 import json
 import math
@@ -54,6 +55,8 @@ ALL_OPS = (
 )
 MAIN_IMPL = "flashmoe"
 META_KEYS = ("device", "torch", "triton", "cudnn", "date", "command", "git_sha")
+# Written by this harness since 2026-11-26; files from before lack it.
+OPTIONAL_META_KEYS = ("source_digest",)
 ROW_REQUIRED = ("op", "impl", "case", "ms", "status")
 # ok: timed. failed: raised or did not match the reference (not timed). unsupported: the
 # impl does not handle this case (reason in note). unavailable: the impl cannot run here at
@@ -272,6 +275,21 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
+def source_digest(root: str | os.PathLike | None = None) -> str:
+    """sha256 (first 16 hex digits) over the library and benchmark sources (relative path and
+    bytes of every ``src/**/*.py`` and ``benchmarks/**/*.py``, sorted). It identifies the code a
+    result came from where ``git_sha`` cannot: a copy of the tree whose ``.git`` is stale or
+    missing (the GPU machine). Recompute it on a checkout to see whether that commit ran."""
+    base = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    files = sorted(
+        p for d in ("src", "benchmarks") for p in (base / d).rglob("*.py") if "__pycache__" not in p.parts
+    )
+    for f in files:
+        h.update(f.relative_to(base).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def collect_meta(command: str, device: torch.device) -> dict[str, Any]:
     try:
         import triton
@@ -288,6 +306,7 @@ def collect_meta(command: str, device: torch.device) -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "command": command,
         "git_sha": git_sha(),
+        "source_digest": source_digest(),
     }
 
 
@@ -328,9 +347,9 @@ def validate_results(doc: Any) -> list[str]:
     if not isinstance(doc, dict) or set(doc) != {"meta", "rows"}:
         return ["top level must be an object with exactly the keys 'meta' and 'rows'"]
     meta = doc["meta"]
-    if not isinstance(meta, dict) or set(meta) != set(META_KEYS):
+    if not isinstance(meta, dict) or not set(META_KEYS) <= set(meta) <= set(META_KEYS + OPTIONAL_META_KEYS):
         got = sorted(meta) if isinstance(meta, dict) else meta
-        problems.append(f"meta must have exactly the keys {META_KEYS}, got {got}")
+        problems.append(f"meta must have the keys {META_KEYS} (optionally {OPTIONAL_META_KEYS}), got {got}")
     if not isinstance(doc["rows"], list):
         return problems + ["rows must be a list"]
     for n, row in enumerate(doc["rows"]):

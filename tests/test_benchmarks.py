@@ -166,7 +166,7 @@ def test_attention_run_writes_the_schema(tmp_path):
     on_disk = json.loads(out.read_text())
     assert on_disk == doc
     assert harness.validate_results(on_disk) == []
-    assert list(on_disk["meta"]) == list(harness.META_KEYS)
+    assert list(on_disk["meta"]) == list(harness.META_KEYS + harness.OPTIONAL_META_KEYS)
     assert on_disk["meta"]["device"].startswith("cpu")
     rows = {(r["op"], r["impl"]): r for r in on_disk["rows"]}
     assert rows[("attention_fwd_bwd", "flashmoe")]["status"] == "unavailable"  # CUDA only
@@ -194,8 +194,10 @@ def test_validate_results_finds_problems():
     row = {"op": "moe_fwd", "impl": "loop", "case": {}, "ms": None, "tflops": None, "status": "ok"}
     problems = harness.validate_results({"meta": {"device": "x"}, "rows": [row]})
     text = " ".join(problems)
-    assert "meta must have exactly" in text and "case must carry" in text and "ms > 0" in text
+    assert "meta must have the keys" in text and "case must carry" in text and "ms > 0" in text
     assert harness.validate_results({"rows": []}) != []
+    meta = dict.fromkeys(harness.META_KEYS + ("unknown",), "x")
+    assert "meta must have the keys" in " ".join(harness.validate_results({"meta": meta, "rows": []}))
 
 
 def test_add_ratios():
@@ -307,3 +309,21 @@ def test_rounds_take_the_median_and_rotate_the_order(tmp_path, monkeypatch):
     assert by["flashmoe"]["status"] == "unavailable"  # CUDA only: no ms consumed
     assert by["grouped_mm"]["ms_rounds"] == [5.0, 1.0, 3.0] and by["grouped_mm"]["ms"] == 3.0
     assert by["grouped_mm"]["tflops"] == harness.sig(harness.tflops(family.cases.flops("moe_fwd", case), 3.0))
+
+
+def test_source_digest_identifies_the_code(tmp_path):
+    """The results' source_digest changes with any byte or path of src/ and benchmarks/ sources
+    (it identifies the code where git cannot), and not with other files."""
+    for d in ("src/pkg", "benchmarks"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "src/pkg/a.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks/b.py").write_text("y = 2\n")
+    first = harness.source_digest(tmp_path)
+    assert first == harness.source_digest(tmp_path) and len(first) == 16
+    (tmp_path / "README.md").write_text("not code")
+    assert harness.source_digest(tmp_path) == first
+    (tmp_path / "src/pkg/a.py").write_text("x = 2\n")
+    assert harness.source_digest(tmp_path) != first
+    (tmp_path / "src/pkg/a.py").write_text("x = 1\n")
+    (tmp_path / "src/pkg/a.py").rename(tmp_path / "src/pkg/c.py")
+    assert harness.source_digest(tmp_path) != first
