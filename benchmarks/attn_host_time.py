@@ -61,12 +61,12 @@ def main() -> None:
         q = torch.randn(b, 16, s, 128, device="cuda", dtype=torch.bfloat16)
         k, v = torch.randn_like(q), torch.randn_like(q)
         flops = 4 * b * 16 * s * s * 128 / (2 if causal else 1)
-        scale = 128**-0.5
+        a = (q, k, v, causal)
         fns = {
-            "api": lambda: flash_attention_science(q, k, v, causal=causal),
-            "launcher": lambda: launch.attention_fwd(q, k, v, causal, scale),
-            "api_no_replay_no_memo": lambda: without_shortcuts(q, k, v, causal),
-            "sdpa_cudnn": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            "api": lambda a=a: flash_attention_science(*a[:3], causal=a[3]),
+            "launcher": lambda a=a: launch.attention_fwd(*a, 128**-0.5),
+            "api_no_replay_no_memo": lambda a=a: without_shortcuts(*a),
+            "sdpa_cudnn": lambda a=a: F.scaled_dot_product_attention(*a[:3], is_causal=a[3]),
         }
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
             for name, fn in fns.items():
