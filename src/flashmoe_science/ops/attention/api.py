@@ -121,15 +121,14 @@ def flash_attention_science(
     CUDA float16/bfloat16 runs the Triton kernels; CPU and float32/float64 run the
     reference path (float32 accumulation).
     """
-    if not torch.compiler.is_compiling():
-        # Metadata validated by an earlier eager call that went straight to the launcher.
-        key = _direct_key(q, k, v, causal, softmax_scale)
-        scale = _DIRECT.get(key) if key is not None else None
-        if scale is not None and direct_launch_ok(q, k, v):
-            from . import launch
+    # Metadata validated by an earlier eager call that went straight to the launcher.
+    key = None if torch.compiler.is_compiling() else _direct_key(q, k, v, causal, softmax_scale)
+    scale = _DIRECT.get(key) if key is not None else None
+    if scale is not None and direct_launch_ok(q, k, v):
+        from . import launch
 
-            out, lse = launch.attention_fwd(q, k, v, causal, scale)
-            return (out, lse) if return_lse else out
+        out, lse = launch.attention_fwd(q, k, v, causal, scale)
+        return (out, lse) if return_lse else out
     _check_common(q, k, v, ndim=4)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise ValueError(
@@ -157,8 +156,7 @@ def flash_attention_science(
             from . import launch
 
             out, lse = launch.attention_fwd(q, k, v, causal, scale)
-            key = _direct_key(q, k, v, causal, softmax_scale)
-            if key is not None:
+            if key is not None:  # computed at the top; None while compiling
                 if len(_DIRECT) >= _MAX_DIRECT:
                     _DIRECT.clear()
                 _DIRECT[key] = scale
