@@ -192,6 +192,21 @@ def test_fused_moe_decode_gpu(triton_backend, shape, t):
     _check_inference(t, h, f, e, k, torch.bfloat16)
 
 
+def test_decode_replay_gpu(triton_backend, monkeypatch):
+    """Decode steps after the first relaunch the compiled route_align and GEMM kernels
+    (``ops._replay``, no Triton binder): new data each step, poisoned memory, by the rule."""
+    from flashmoe_science.ops import _replay
+
+    replays = []
+    real = _replay.Replay.__call__
+    monkeypatch.setattr(_replay.Replay, "__call__", lambda self, *a: replays.append(1) or real(self, *a))
+    for step in range(3):
+        before = len(replays)
+        _check_inference(8, 512, 384, 64, 8, torch.bfloat16, name=f"y step {step}")
+        if step:
+            assert len(replays) - before >= 3, (step, len(replays) - before)  # route_align + 2 GEMMs
+
+
 @pytest.mark.parametrize("wgrad", ["gather", "rows"])
 def test_backward_recompute_path_gpu(triton_backend, wgrad):
     """The backward without the forward's stored h (it recomputes the gate/up GEMM), with each

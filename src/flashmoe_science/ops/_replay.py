@@ -62,3 +62,78 @@ class Replay:
         g0, g1, g2 = self.grid
         stream = torch._C._cuda_getCurrentRawStream(self.device)
         ck.run(g0, g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *args)
+
+
+class _NoReplay(Exception):
+    pass
+
+
+def _sig(a):
+    """What Triton specialises an argument on, or stricter: tensors by dtype and 16-byte
+    alignment, ints/bools/strings/None by exact value, floats by type (not specialised)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() & 15 == 0)
+    t = type(a)
+    if t is int or t is bool or t is str or a is None:
+        return (t, a)
+    if t is float:
+        return t
+    raise _NoReplay
+
+
+class ReplayJIT:
+    """``ReplayJIT(jit_fn)[grid](*args, **kwargs)`` launches like ``jit_fn[grid](...)`` the first
+    time for a signature (grid, each positional argument's ``_sig``, the keyword arguments),
+    then relaunches the compiled kernel it returned. For plain ``@triton.jit`` functions with
+    tensor/int/float/bool positional arguments and hashable constexpr/launch keywords; anything
+    else (callable grids, host descriptors, launch hooks, another current device, the
+    interpreter) takes Triton's full path."""
+
+    __slots__ = ("fn", "names", "defaults", "cache")
+
+    def __init__(self, fn):
+        import inspect
+
+        self.fn = fn
+        self.names = list(fn.arg_names)
+        self.defaults = {p.name: p.default for p in fn.params if p.default is not inspect.Parameter.empty}
+        self.cache: dict[tuple, tuple] = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self._launch(grid, args, kw)
+
+    def _launch(self, grid, args, kw):
+        if callable(grid) or not active() or not torch.cuda.is_available():
+            return self.fn[grid](*args, **kw)
+        try:
+            key = (tuple(grid), tuple(map(_sig, args)), tuple(kw.items()))
+            entry = self.cache.get(key)
+        except (_NoReplay, TypeError):  # an argument Triton treats otherwise, or unhashable
+            return self.fn[grid](*args, **kw)
+        device = torch.cuda.current_device()
+        if entry is not None and entry[0].device == device:
+            replay, tail = entry
+            replay(*args, *tail)
+            return None
+        compiled = self.fn[grid](*args, **kw)
+        rest = self.names[len(args) :]
+        if compiled is not None and all(n in kw or n in self.defaults for n in rest):
+            if len(self.cache) >= 256:
+                self.cache.clear()
+            tail = tuple(kw[n] if n in kw else self.defaults[n] for n in rest)
+            self.cache[key] = (Replay(compiled, tuple(grid), device), tail)
+        return compiled
+
+
+_REPLAY_JIT: dict[int, ReplayJIT] = {}
+
+
+def replay_jit(fn) -> ReplayJIT:
+    """The process's ``ReplayJIT`` for a JIT function (one cache per kernel); under Triton's
+    interpreter (no compiled kernels) the function itself."""
+    if not hasattr(fn, "params"):
+        return fn
+    r = _REPLAY_JIT.get(id(fn))
+    if r is None or r.fn is not fn:
+        r = _REPLAY_JIT[id(fn)] = ReplayJIT(fn)
+    return r

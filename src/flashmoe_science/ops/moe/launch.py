@@ -20,6 +20,7 @@ import torch
 import triton
 
 from ..._backend import interpreter_enabled
+from .. import _replay
 from .kernels import align as _align
 from .kernels import combine as _combine_k
 from .kernels import grouped_gemm as _gg
@@ -271,7 +272,11 @@ class _Fast:
                 _BEST[self.key] = (cfg.all_kwargs(), cfg.kwargs["BLOCK_K"])
                 return
             cfg_kw, block_k = best
-            self.tuner.fn.fn[grid](*args, **kw, **cfg_kw, EVEN_K=args[_K_DIM_ARG] % block_k == 0)
+            # The tuned config's grid as a tuple, so the launch can be replayed (ops._replay).
+            grid_t = grid(cfg_kw) if callable(grid) else grid
+            _replay.replay_jit(self.tuner.fn.fn)[grid_t](
+                *args, **kw, **cfg_kw, EVEN_K=args[_K_DIM_ARG] % block_k == 0
+            )
 
         return launch
 
@@ -327,7 +332,7 @@ def route(router_logits, top_k, *, scoring, renormalize, bias, n_group, topk_gro
     block_t = max(1, min(64, ROUTE_ELEMS // block_e, _pow2(_cdiv(t, 128))))
     grouped = n_group is not None and n_group > 1
     groups = n_group if grouped else 1
-    _routing.route_kernel[(_cdiv(t, block_t),)](
+    _replay.replay_jit(_routing.route_kernel)[(_cdiv(t, block_t),)](
         logits,
         bias if bias is not None else logits,
         weights,
@@ -408,7 +413,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int 
         # One program, one launch (decode and small batches): the same layout as below.
         al = _align_buffers(numel, num_experts, block_m, dev)
         meta = _single_meta(numel, num_experts, al.num_blocks)
-        _align.align_single_kernel[(1,)](
+        _replay.replay_jit(_align.align_single_kernel)[(1,)](
             ids, al.sorted_slots, al.expert_start, al.expert_count, al.block_expert, numel, num_experts,
             al.num_blocks, BLOCK_M=block_m, num_warps=4, **meta,
         )  # fmt: skip
@@ -473,7 +478,7 @@ def route_align(router_logits, top_k, num_experts, block_m, *, scoring, renormal
     ids = torch.empty((t, top_k), device=logits.device, dtype=torch.int32)
     block_e = _pow2(e)
     meta = _single_meta(numel, num_experts, al.num_blocks)
-    _routing.route_align_kernel[(1,)](
+    _replay.replay_jit(_routing.route_align_kernel)[(1,)](
         logits, logits, weights, ids, al.sorted_slots, al.expert_start, al.expert_count, al.block_expert,
         t, e, logits.stride(0), al.num_blocks,
         TOP_K=top_k, BLOCK_T=max(1, min(16, 2048 // block_e, _pow2(t))), BLOCK_E=block_e,
