@@ -105,6 +105,8 @@ class ReplayJIT:
     def _launch(self, grid, args, kw):
         if callable(grid) or not active() or not torch.cuda.is_available():
             return self.fn[grid](*args, **kw)
+        if any(isinstance(v, torch.Tensor) for v in kw.values()):
+            return self.fn[grid](*args, **kw)  # the recording would keep the tensor alive
         try:
             key = (tuple(grid), tuple(map(_sig, args)), tuple(kw.items()))
             entry = self.cache.get(key)
