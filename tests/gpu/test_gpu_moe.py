@@ -200,11 +200,15 @@ def test_decode_replay_gpu(triton_backend, monkeypatch):
     replays = []
     real = _replay.Replay.__call__
     monkeypatch.setattr(_replay.Replay, "__call__", lambda self, *a: replays.append(1) or real(self, *a))
-    for step in range(3):
+    # Step 0 records route_align (the GEMMs run their autotuner); step 1 replays route_align and
+    # records the two tuned GEMM launches; from step 2 on all three are replays.
+    for step in range(4):
         before = len(replays)
         _check_inference(8, 512, 384, 64, 8, torch.bfloat16, name=f"y step {step}")
-        if step:
+        if step >= 2:
             assert len(replays) - before >= 3, (step, len(replays) - before)  # route_align + 2 GEMMs
+        elif step == 1:
+            assert len(replays) - before >= 1, (step, len(replays) - before)
 
 
 @pytest.mark.parametrize("wgrad", ["gather", "rows"])
