@@ -14,6 +14,7 @@ import torch
 
 # benchmarks/ is a top-level package beside src/ (not installed); pyproject's pytest
 # pythonpath puts the repo root on sys.path.
+import flashmoe_science
 from benchmarks import harness
 from benchmarks.__main__ import main as cli_main
 from benchmarks.cases import attention as att
@@ -327,3 +328,23 @@ def test_source_digest_identifies_the_code(tmp_path):
     (tmp_path / "src/pkg/a.py").write_text("x = 1\n")
     (tmp_path / "src/pkg/a.py").rename(tmp_path / "src/pkg/c.py")
     assert harness.source_digest(tmp_path) != first
+
+
+def test_source_digest_hashes_the_library_given(tmp_path):
+    """With the library elsewhere (imported through PYTHONPATH, e.g. an archived older tree),
+    the digest is that library's: equal to a checkout holding the same files under src/."""
+    for d in ("a/src/pkg", "a/benchmarks", "other/pkg"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "a/src/pkg/m.py").write_text("x = 1\n")
+    (tmp_path / "a/benchmarks/b.py").write_text("y = 2\n")
+    (tmp_path / "other/pkg/m.py").write_text("x = 0\n")
+    own = harness.source_digest(tmp_path / "a")
+    elsewhere = harness.source_digest(tmp_path / "a", src=tmp_path / "other")
+    assert elsewhere != own
+    (tmp_path / "other/pkg/m.py").write_text("x = 1\n")
+    assert harness.source_digest(tmp_path / "a", src=tmp_path / "other") == own
+    # the default: the imported flashmoe_science and this checkout's benchmarks
+    assert harness.source_digest() == harness.source_digest(
+        Path(harness.__file__).resolve().parent.parent,
+        src=Path(flashmoe_science.__file__).resolve().parent.parent,
+    )
