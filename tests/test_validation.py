@@ -203,3 +203,29 @@ def test_varlen_inference_tensors_checked_every_call(monkeypatch):
         for _ in range(2):
             flash_attention_varlen(q, k, v, cu_q, cu_k, mq, mk)
     assert seen == ["cu_seqlens_q", "cu_seqlens_k"] * 2
+
+
+@pytest.mark.parametrize("flag", ["yes", 1, None, torch.tensor(True)])
+def test_bool_switches_are_checked(flag):
+    """causal / renormalize take a bool (as SDPA's is_causal does), not a truthy value."""
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        flash_attention_science(q, k, v, causal=flag)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    packed = (q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1))
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        flash_attention_varlen(*packed, cu, cu, 5, 5, causal=flag)
+    logits = torch.randn(6, 4)
+    with pytest.raises(TypeError, match="renormalize must be a bool"):
+        route(logits, 2, renormalize=flag)
+    x, w1, w2 = torch.randn(6, 8), torch.randn(4, 12, 8), torch.randn(4, 8, 6)
+    with pytest.raises(TypeError, match="renormalize must be a bool"):
+        fused_moe(x, w1, w2, logits, top_k=2, renormalize=flag)
+
+
+def test_numpy_bool_switch_accepted():
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    torch.testing.assert_close(
+        flash_attention_science(q, k, v, causal=np.bool_(True)), flash_attention_science(q, k, v, causal=True)
+    )

@@ -58,3 +58,14 @@ def check_positive_scale(name: str, value: object) -> float:
     if not (value > 0.0 and value != float("inf")):
         raise ValueError(f"{name} must be a finite positive number, got {value}")
     return value
+
+
+def check_flag(name: str, value: object) -> bool:
+    """A boolean switch (``causal``, ``renormalize``): a Python or NumPy bool, as
+    ``scaled_dot_product_attention(is_causal=...)`` takes; a string or a number is an error,
+    not a truthiness test."""
+    kind = type(value)
+    if isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
+        return bool(value)
+    what = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    raise TypeError(f"{name} must be a bool, got {what} ({value!r})")

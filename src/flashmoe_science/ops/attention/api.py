@@ -14,6 +14,7 @@ import torch
 
 from ..._backend import direct_launch_ok, select_backend
 from ..._validation import (
+    check_flag,
     check_float,
     check_int_tensor,
     check_positive_scale,
@@ -137,7 +138,7 @@ def flash_attention_science(
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"k has seqlen {k.shape[2]} but v has {v.shape[2]}; they must match")
     _check_heads(q, k, v, head_axis=1)
-    causal = bool(causal)
+    causal = check_flag("causal", causal)
     scale = _scale(softmax_scale, q.shape[-1])
 
     b, h, s_q, d = q.shape
@@ -259,7 +260,7 @@ def flash_attention_varlen(
             f"{cu_seqlens_k.shape[0]}; both must be batch + 1"
         )
     check_same_device(("q", "cu_seqlens_q", "cu_seqlens_k"), (q, cu_seqlens_q, cu_seqlens_k))
-    causal = bool(causal)
+    causal = check_flag("causal", causal)
     scale = _scale(softmax_scale, q.shape[-1])
 
     if q.shape[0] == 0:

@@ -10,6 +10,7 @@ import torch
 
 from ..._backend import direct_launch_ok, select_backend
 from ..._validation import (
+    check_flag,
     check_float,
     check_int_tensor,
     check_same_device,
@@ -92,7 +93,7 @@ def route(
     _check_routing_args(router_logits, top_k, scoring, bias, n_group, topk_group)
     kwargs = dict(
         scoring=scoring,
-        renormalize=bool(renormalize),
+        renormalize=check_flag("renormalize", renormalize),
         bias=bias,
         n_group=n_group,
         topk_group=topk_group,
@@ -237,7 +238,13 @@ def fused_moe(
         from . import launch
 
         return launch.moe_forward(
-            x, w_gate_up, w_down, router_logits, top_k, scoring=scoring, renormalize=bool(renormalize)
+            x,
+            w_gate_up,
+            w_down,
+            router_logits,
+            top_k,
+            scoring=scoring,
+            renormalize=check_flag("renormalize", renormalize),
         )
     topk_weights, topk_ids = route(router_logits, top_k, scoring=scoring, renormalize=renormalize)
     _check_experts_args(x, w_gate_up, w_down, topk_weights, topk_ids, "silu")
