@@ -186,3 +186,47 @@ def test_moe_aux_loss_in_inference_is_computed_on_read():
         got = layer.aux_loss
     assert layer._aux_pending is None
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        (dict(hidden_size=-16), ValueError, "hidden_size must be a positive int"),
+        (dict(num_experts=0, top_k=1), ValueError, "num_experts must be a positive int"),
+        (dict(top_k=0), ValueError, "top_k must be a positive int"),
+        (dict(top_k=5), ValueError, r"top_k must be in \[1, 4\]"),
+        (dict(ffn_hidden_size=0), ValueError, "ffn_hidden_size must be a positive int or None"),
+        (dict(aux_loss_coef=-1.0), ValueError, "aux_loss_coef must be a finite number >= 0"),
+        (dict(z_loss_coef=float("nan")), ValueError, "z_loss_coef must be a finite number >= 0"),
+        (dict(renormalize="no"), TypeError, "renormalize must be a bool"),
+    ],
+)
+def test_moe_layer_bad_arguments(kwargs, exc, msg):
+    args = dict(hidden_size=16, num_experts=4, top_k=2) | kwargs
+    with pytest.raises(exc, match=msg):
+        FlashMoELayer(**args)
+
+
+def test_moe_layer_bad_input():
+    layer = FlashMoELayer(16, 4, 2)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        layer(torch.randint(0, 3, (3, 16)))
+    with pytest.raises(ValueError, match="x has last dim 15; expected hidden_size=16"):
+        layer(torch.randn(3, 15))
+
+
+@pytest.mark.parametrize(
+    "call, exc, msg",
+    [
+        (lambda m, x: m(x[..., :12], x[..., :12], x[..., :12]), ValueError, "query has embed dim 12"),
+        (lambda m, x: m(x, x[:, :3], x), ValueError, r"key has shape \(2, 3, 16\) but value has"),
+        (lambda m, x: m(x, x[:1], x[:1]), ValueError, "query has batch 2 but key has 1"),
+        (lambda m, x: m(x, x, x.long()), TypeError, "value must be floating point"),
+        (lambda m, x: m(x, x, x, is_causal="x"), TypeError, "is_causal must be a bool"),
+        (lambda m, x: m(x, x, x, attn_mask=torch.zeros(3, 3)), ValueError, r"attn_mask has shape \(3, 3\)"),
+    ],
+)
+def test_attention_layer_bad_input(call, exc, msg):
+    m = FlashMoEScienceAttention(16, 4)
+    with pytest.raises(exc, match=msg):
+        call(m, torch.randn(2, 5, 16))

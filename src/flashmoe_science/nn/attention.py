@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_flag
 from ..ops.attention import flash_attention_science, flash_attention_varlen
 
 
@@ -74,6 +75,27 @@ class FlashMoEScienceAttention(nn.Module):
             f"num_kv_heads={self.num_kv_heads}, batch_first={self.batch_first}"
         )
 
+    def _check_inputs(self, query, key, value) -> None:
+        """nn.MultiheadAttention's input contract, with errors naming the argument."""
+        order = "(batch, seq, embed)" if self.batch_first else "(seq, batch, embed)"
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 3:
+                raise ValueError(f"{name} must be 3-D {order}, got shape {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be floating point, got {t.dtype}")
+            if t.shape[-1] != self.embed_dim:
+                raise ValueError(f"{name} has embed dim {t.shape[-1]}; expected embed_dim={self.embed_dim}")
+        if key.shape != value.shape:
+            raise ValueError(
+                f"key has shape {tuple(key.shape)} but value has {tuple(value.shape)}; they must match"
+            )
+        batch_axis = 0 if self.batch_first else 1
+        if key.shape[batch_axis] != query.shape[batch_axis]:
+            q_b, k_b = query.shape[batch_axis], key.shape[batch_axis]
+            raise ValueError(f"query has batch {q_b} but key has {k_b}; they must match")
+
     def _project(self, query, key, value):
         e, kvd = self.embed_dim, self._kv_dim
         w, b = self.in_proj_weight, self.in_proj_bias
@@ -99,8 +121,8 @@ class FlashMoEScienceAttention(nn.Module):
                 "need_weights=True is not supported: the fused kernels never materialise the "
                 "attention weights; pass need_weights=False"
             )
-        if query.dim() != 3:
-            raise ValueError(f"query must be 3-D (batch, seq, embed), got shape {tuple(query.shape)}")
+        self._check_inputs(query, key, value)
+        is_causal = check_flag("is_causal", is_causal)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, s_q, _ = query.shape
@@ -111,6 +133,15 @@ class FlashMoEScienceAttention(nn.Module):
         k = k.view(b, s_k, h_kv, d)
         v = v.view(b, s_k, h_kv, d)
 
+        if attn_mask is not None and not is_causal:
+            allowed = ((s_q, s_k), (b * self.num_heads, s_q, s_k))
+            if not isinstance(attn_mask, torch.Tensor) or tuple(attn_mask.shape) not in allowed:
+                got = (
+                    tuple(attn_mask.shape)
+                    if isinstance(attn_mask, torch.Tensor)
+                    else type(attn_mask).__name__
+                )
+                raise ValueError(f"attn_mask has shape {got}; expected {allowed[0]} or {allowed[1]}")
         if key_padding_mask is not None:
             if key_padding_mask.shape != (b, s_k):
                 raise ValueError(

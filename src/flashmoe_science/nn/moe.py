@@ -11,11 +11,13 @@ z-loss as in ST-MoE, ``mean_t logsumexp(logits_t)^2``. In eval mode under ``no_g
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_flag
 from ..ops.moe import fused_experts, route
 
 
@@ -40,6 +42,10 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def init_moe_module(
     module: nn.Module,
     hidden_size: int,
@@ -59,12 +65,21 @@ def init_moe_module(
     """Check the arguments and create the router, the weights of the ``num_held_experts``
     experts this module holds, the selection bias and the shared experts. Shared by
     :class:`FlashMoELayer` (holds all experts) and the expert-parallel layer (a shard)."""
-    if not 1 <= top_k <= num_experts:
+    for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts), ("top_k", top_k)):
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if top_k > num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
+    if ffn_hidden_size is not None and (not _is_int(ffn_hidden_size) or ffn_hidden_size <= 0):
+        raise ValueError(f"ffn_hidden_size must be a positive int or None, got {ffn_hidden_size!r}")
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
     if num_shared_experts < 0:
         raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+    for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    renormalize = check_flag("renormalize", renormalize)
     factory = {"device": device, "dtype": dtype}
     ffn = ffn_hidden_size if ffn_hidden_size is not None else 4 * hidden_size
     module.hidden_size = hidden_size
@@ -166,6 +181,8 @@ class FlashMoELayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"x has last dim {x.shape[-1]}; expected hidden_size={self.hidden_size}")
         shape = x.shape
