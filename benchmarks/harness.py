@@ -275,32 +275,43 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def source_digest(root: str | os.PathLike | None = None, src: str | os.PathLike | None = None) -> str:
+def source_digest(root: str | os.PathLike | None = None, package: str | os.PathLike | None = None) -> str:
     """sha256 (first 16 hex digits) over the library and benchmark sources (relative path and
-    bytes of every ``src/**/*.py`` and ``benchmarks/**/*.py``, sorted). It identifies the code a
-    result came from where ``git_sha`` cannot: a copy of the tree whose ``.git`` is stale or
-    missing (the GPU machine). Recompute it on a checkout to see whether that commit ran.
+    bytes of every ``src/flashmoe_science/**/*.py`` and ``benchmarks/**/*.py``, in path order).
+    It identifies the code a result came from where ``git_sha`` cannot: a copy of the tree whose
+    ``.git`` is stale or missing (the GPU machine). Recompute it on a checkout to see whether
+    that commit ran.
 
-    ``root``: a tree with ``src/`` and ``benchmarks/``. By default the benchmarks are this
-    package's and the library is the ``flashmoe_science`` that Python imported (its parent
-    directory hashed as ``src/``): a run that imports the library from elsewhere through
-    ``PYTHONPATH`` records that code, not the checkout's. ``src`` overrides the library's
-    directory."""
+    ``root``: a tree with ``src/<package>/`` and ``benchmarks/`` (every package under ``src/``
+    is hashed). By default the benchmarks are this package's and the library is the
+    ``flashmoe_science`` that Python imported, hashed under its ``src/flashmoe_science/`` name
+    wherever it lives: a run that imports the library from elsewhere through ``PYTHONPATH`` (or
+    an installed copy) records that code, not the checkout's. ``package``: a package directory
+    to hash instead."""
     if root is not None:
         base = Path(root)
-        src_dir = Path(src) if src is not None else base / "src"
+        pkgs = (
+            [Path(package)]
+            if package is not None
+            else [d for d in sorted((base / "src").iterdir()) if d.is_dir()]
+        )
     else:
         base = Path(__file__).resolve().parent.parent
-        if src is not None:
-            src_dir = Path(src)
-        else:
-            import flashmoe_science
+        if package is None:
+            try:
+                import flashmoe_science
 
-            src_dir = Path(flashmoe_science.__file__).resolve().parent.parent
-    named = [(f"src/{f.relative_to(src_dir).as_posix()}", f) for f in src_dir.rglob("*.py")]
+                package = Path(flashmoe_science.__file__).resolve().parent
+            except ImportError:  # a tree that does not import: hash the checkout's sources
+                package = base / "src" / "flashmoe_science"
+        pkgs = [Path(package)]
+    named = [(f"src/{p.name}/{f.relative_to(p).as_posix()}", f) for p in pkgs for f in p.rglob("*.py")]
     named += [(f.relative_to(base).as_posix(), f) for f in (base / "benchmarks").rglob("*.py")]
     h = hashlib.sha256()
-    for name, f in sorted(n for n in named if "__pycache__" not in n[1].parts):
+    # path order part by part (as pathlib sorts), so that "a/b.py" comes before "a.py"
+    for name, f in sorted(
+        (n for n in named if "__pycache__" not in n[1].parts), key=lambda n: Path(n[0]).parts
+    ):
         h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

@@ -331,20 +331,41 @@ def test_source_digest_identifies_the_code(tmp_path):
 
 
 def test_source_digest_hashes_the_library_given(tmp_path):
-    """With the library elsewhere (imported through PYTHONPATH, e.g. an archived older tree),
-    the digest is that library's: equal to a checkout holding the same files under src/."""
-    for d in ("a/src/pkg", "a/benchmarks", "other/pkg"):
+    """With the library elsewhere (imported through PYTHONPATH, e.g. an archived older tree, or
+    installed), the digest is that package's: equal to a checkout holding the same files."""
+    for d in ("a/src/pkg", "a/benchmarks", "other/pkg", "other/unrelated"):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "a/src/pkg/m.py").write_text("x = 1\n")
     (tmp_path / "a/benchmarks/b.py").write_text("y = 2\n")
     (tmp_path / "other/pkg/m.py").write_text("x = 0\n")
+    (tmp_path / "other/unrelated/z.py").write_text("not part of the package\n")
     own = harness.source_digest(tmp_path / "a")
-    elsewhere = harness.source_digest(tmp_path / "a", src=tmp_path / "other")
-    assert elsewhere != own
+    assert harness.source_digest(tmp_path / "a", package=tmp_path / "other/pkg") != own
     (tmp_path / "other/pkg/m.py").write_text("x = 1\n")
-    assert harness.source_digest(tmp_path / "a", src=tmp_path / "other") == own
-    # the default: the imported flashmoe_science and this checkout's benchmarks
-    assert harness.source_digest() == harness.source_digest(
-        Path(harness.__file__).resolve().parent.parent,
-        src=Path(flashmoe_science.__file__).resolve().parent.parent,
+    assert harness.source_digest(tmp_path / "a", package=tmp_path / "other/pkg") == own
+
+
+def _old_source_digest(base: Path) -> str:
+    """The digest as results recorded it before it followed the imported package."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted(
+        p for d in ("src", "benchmarks") for p in (base / d).rglob("*.py") if "__pycache__" not in p.parts
     )
+    for f in files:
+        h.update(f.relative_to(base).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def test_source_digest_unchanged_on_a_checkout(tmp_path):
+    """Digests recorded before stay reproducible: on this checkout (the imported package is
+    its src/flashmoe_science) and on a tree whose names sort differently as strings and as paths."""
+    root = Path(harness.__file__).resolve().parent.parent
+    if Path(flashmoe_science.__file__).resolve().parent == root / "src" / "flashmoe_science":
+        assert harness.source_digest() == _old_source_digest(root)
+    for d in ("src/pkg/ops/moe", "benchmarks"):
+        (tmp_path / d).mkdir(parents=True)
+    for f in ("src/pkg/ops/moe/a.py", "src/pkg/ops/moe.py", "src/pkg/ops/moe-x.py", "benchmarks/b.py"):
+        (tmp_path / f).write_text(f"# {f}\n")
+    assert harness.source_digest(tmp_path) == _old_source_digest(tmp_path)

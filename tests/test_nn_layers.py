@@ -191,11 +191,14 @@ def test_moe_aux_loss_in_inference_is_computed_on_read():
 @pytest.mark.parametrize(
     "kwargs, exc, msg",
     [
-        (dict(hidden_size=-16), ValueError, "hidden_size must be a positive int"),
-        (dict(num_experts=0, top_k=1), ValueError, "num_experts must be a positive int"),
-        (dict(top_k=0), ValueError, "top_k must be a positive int"),
+        (dict(hidden_size=-16), ValueError, "hidden_size must be positive, got -16"),
+        (dict(hidden_size="16"), TypeError, "hidden_size must be an int, got str"),
+        (dict(num_experts=0, top_k=1), ValueError, "num_experts must be positive"),
+        (dict(top_k=0), ValueError, "top_k must be positive"),
+        (dict(top_k=2.0), TypeError, "top_k must be an int, got float"),
         (dict(top_k=5), ValueError, r"top_k must be in \[1, 4\]"),
-        (dict(ffn_hidden_size=0), ValueError, "ffn_hidden_size must be a positive int or None"),
+        (dict(ffn_hidden_size=0), ValueError, "ffn_hidden_size must be positive"),
+        (dict(aux_loss_coef="0.1"), TypeError, "aux_loss_coef must be a number"),
         (dict(aux_loss_coef=-1.0), ValueError, "aux_loss_coef must be a finite number >= 0"),
         (dict(z_loss_coef=float("nan")), ValueError, "z_loss_coef must be a finite number >= 0"),
         (dict(renormalize="no"), TypeError, "renormalize must be a bool"),
@@ -205,6 +208,15 @@ def test_moe_layer_bad_arguments(kwargs, exc, msg):
     args = dict(hidden_size=16, num_experts=4, top_k=2) | kwargs
     with pytest.raises(exc, match=msg):
         FlashMoELayer(**args)
+
+
+def test_moe_layer_takes_numpy_sizes():
+    """Sizes from a config may be NumPy ints: stored as Python ints, and the layer runs."""
+    np = pytest.importorskip("numpy")
+    layer = FlashMoELayer(np.int64(16), np.int32(4), np.int64(2), ffn_hidden_size=np.int64(24))
+    sizes = (layer.hidden_size, layer.num_experts, layer.top_k, layer.ffn_hidden_size)
+    assert all(type(v) is int for v in sizes)
+    assert layer(torch.randn(3, 16)).shape == (3, 16)
 
 
 def test_moe_layer_bad_input():
@@ -224,6 +236,7 @@ def test_moe_layer_bad_input():
         (lambda m, x: m(x, x, x.long()), TypeError, "value must be floating point"),
         (lambda m, x: m(x, x, x, is_causal="x"), TypeError, "is_causal must be a bool"),
         (lambda m, x: m(x, x, x, attn_mask=torch.zeros(3, 3)), ValueError, r"attn_mask has shape \(3, 3\)"),
+        (lambda m, x: m(x, x, x, attn_mask=[[0.0]]), TypeError, "attn_mask must be a torch.Tensor, got list"),
     ],
 )
 def test_attention_layer_bad_input(call, exc, msg):

@@ -239,6 +239,8 @@ class ExpertParallelMoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"x has last dim {x.shape[-1]}; expected hidden_size={self.hidden_size}")
         if x.dtype != self.w_gate_up.dtype:

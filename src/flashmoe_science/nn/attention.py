@@ -127,21 +127,20 @@ class FlashMoEScienceAttention(nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, s_q, _ = query.shape
         s_k = key.shape[1]
+        if attn_mask is not None and not is_causal:
+            if not isinstance(attn_mask, torch.Tensor):
+                raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+            allowed = ((s_q, s_k), (b * self.num_heads, s_q, s_k))
+            if tuple(attn_mask.shape) not in allowed:
+                raise ValueError(
+                    f"attn_mask has shape {tuple(attn_mask.shape)}; expected {allowed[0]} or {allowed[1]}"
+                )
         q, k, v = self._project(query, key, value)
         h, h_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = q.view(b, s_q, h, d)
         k = k.view(b, s_k, h_kv, d)
         v = v.view(b, s_k, h_kv, d)
 
-        if attn_mask is not None and not is_causal:
-            allowed = ((s_q, s_k), (b * self.num_heads, s_q, s_k))
-            if not isinstance(attn_mask, torch.Tensor) or tuple(attn_mask.shape) not in allowed:
-                got = (
-                    tuple(attn_mask.shape)
-                    if isinstance(attn_mask, torch.Tensor)
-                    else type(attn_mask).__name__
-                )
-                raise ValueError(f"attn_mask has shape {got}; expected {allowed[0]} or {allowed[1]}")
         if key_padding_mask is not None:
             if key_padding_mask.shape != (b, s_k):
                 raise ValueError(
@@ -155,7 +154,7 @@ class FlashMoEScienceAttention(nn.Module):
             # A float key_padding_mask is an additive bias (MHA semantics): reference path.
             out = self._sdpa(q, k, v, None if is_causal else attn_mask, key_padding_mask, is_causal)
         elif is_causal or attn_mask is None:
-            causal = bool(is_causal)
+            causal = is_causal
             if key_padding_mask is None:
                 out = flash_attention_science(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal

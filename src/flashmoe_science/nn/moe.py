@@ -42,8 +42,14 @@ def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+def _positive_int(name: str, value: object) -> int:
+    """A size argument as a Python int (NumPy ints from configs included): TypeError for
+    another type, ValueError for a value below 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return int(value)
 
 
 def init_moe_module(
@@ -65,19 +71,21 @@ def init_moe_module(
     """Check the arguments and create the router, the weights of the ``num_held_experts``
     experts this module holds, the selection bias and the shared experts. Shared by
     :class:`FlashMoELayer` (holds all experts) and the expert-parallel layer (a shard)."""
-    for name, value in (("hidden_size", hidden_size), ("num_experts", num_experts), ("top_k", top_k)):
-        if not _is_int(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    hidden_size = _positive_int("hidden_size", hidden_size)
+    num_experts = _positive_int("num_experts", num_experts)
+    top_k = _positive_int("top_k", top_k)
     if top_k > num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (num_experts), got {top_k}")
-    if ffn_hidden_size is not None and (not _is_int(ffn_hidden_size) or ffn_hidden_size <= 0):
-        raise ValueError(f"ffn_hidden_size must be a positive int or None, got {ffn_hidden_size!r}")
+    if ffn_hidden_size is not None:
+        ffn_hidden_size = _positive_int("ffn_hidden_size", ffn_hidden_size)
     if scoring not in ("softmax", "sigmoid"):
         raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
     if num_shared_experts < 0:
         raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
     for name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < math.inf:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+        if not 0.0 <= value < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     renormalize = check_flag("renormalize", renormalize)
     factory = {"device": device, "dtype": dtype}

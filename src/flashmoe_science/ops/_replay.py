@@ -86,8 +86,11 @@ class ReplayJIT:
     time for a signature (grid, each positional argument's ``_sig``, the keyword arguments),
     then relaunches the compiled kernel it returned. For plain ``@triton.jit`` functions with
     tensor/int/float/bool positional arguments and hashable constexpr/launch keywords; anything
-    else (callable grids, host descriptors, launch hooks, another current device, the
-    interpreter) takes Triton's full path."""
+    else (callable grids, host descriptors, keyword values other than scalars, launch hooks,
+    pre-run hooks, ``knobs.runtime.debug`` or an instrumentation mode, the interpreter) takes
+    Triton's full path. The key includes the current device and each keyword value's type
+    (``True`` and ``1`` are different constexprs). Not re-checked on a replay: Triton's check
+    that the globals a kernel read at compile time are unchanged (no kernel here reads any)."""
 
     __slots__ = ("fn", "names", "defaults", "cache")
 
@@ -105,15 +108,19 @@ class ReplayJIT:
     def _launch(self, grid, args, kw):
         if callable(grid) or not active() or not torch.cuda.is_available():
             return self.fn[grid](*args, **kw)
-        if any(isinstance(v, torch.Tensor) for v in kw.values()):
-            return self.fn[grid](*args, **kw)  # the recording would keep the tensor alive
+        # Pre-run hooks must run; debug or instrumentation modes compile another binary.
+        hooks = getattr(self.fn, "pre_run_hooks", None)
+        if hooks or knobs.runtime.debug or knobs.compilation.instrumentation_mode:
+            return self.fn[grid](*args, **kw)
+        if not all(type(v) in _SCALARS for v in kw.values()):
+            return self.fn[grid](*args, **kw)  # the recording would keep a tensor or object alive
+        device = torch.cuda.current_device()
         try:
-            key = (tuple(grid), tuple(map(_sig, args)), tuple(kw.items()))
+            key = (device, tuple(grid), tuple(map(_sig, args)), tuple((n, type(v), v) for n, v in kw.items()))
             entry = self.cache.get(key)
         except (_NoReplay, TypeError):  # an argument Triton treats otherwise, or unhashable
             return self.fn[grid](*args, **kw)
-        device = torch.cuda.current_device()
-        if entry is not None and entry[0].device == device:
+        if entry is not None:
             replay, tail = entry
             replay(*args, *tail)
             return None
@@ -125,6 +132,10 @@ class ReplayJIT:
             tail = tuple(kw[n] if n in kw else self.defaults[n] for n in rest)
             self.cache[key] = (Replay(compiled, tuple(grid), device), tail)
         return compiled
+
+
+# Keyword values a recording may keep (constexprs and launch options): no tensors, no objects.
+_SCALARS = (int, bool, float, str, type(None), torch.dtype)
 
 
 _REPLAY_JIT: dict[int, ReplayJIT] = {}

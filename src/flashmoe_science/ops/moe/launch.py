@@ -273,6 +273,8 @@ class _Fast:
                 return
             cfg_kw, block_k = best
             # The tuned config's grid as a tuple, so the launch can be replayed (ops._replay).
+            # The grid functions here (``_grid_rows``) read only the config's meta-parameters,
+            # so the config alone evaluates them.
             grid_t = grid(cfg_kw) if callable(grid) else grid
             _replay.replay_jit(self.tuner.fn.fn)[grid_t](
                 *args, **kw, **cfg_kw, EVEN_K=args[_K_DIM_ARG] % block_k == 0
