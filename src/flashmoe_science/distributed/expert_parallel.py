@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.moe import FlashMoELayer, init_moe_module
+from ..nn.moe import FlashMoELayer, check_moe_input, init_moe_module
 from ..ops.moe import route
 from ..ops.moe.api import _run_experts
 from . import comm
@@ -239,10 +239,7 @@ class ExpertParallelMoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x has last dim {x.shape[-1]}; expected hidden_size={self.hidden_size}")
+        check_moe_input(x, self.hidden_size)
         if x.dtype != self.w_gate_up.dtype:
             # Checked here: the expert call below skips fused_experts' validation.
             raise ValueError(f"x has dtype {x.dtype}; expected {self.w_gate_up.dtype}, the experts' dtype")

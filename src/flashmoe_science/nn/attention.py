@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import check_flag
+from .._validation import check_flag, check_tensor
 from ..ops.attention import flash_attention_science, flash_attention_varlen
 
 
@@ -79,8 +79,7 @@ class FlashMoEScienceAttention(nn.Module):
         """nn.MultiheadAttention's input contract, with errors naming the argument."""
         order = "(batch, seq, embed)" if self.batch_first else "(seq, batch, embed)"
         for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            check_tensor(name, t)
             if t.dim() != 3:
                 raise ValueError(f"{name} must be 3-D {order}, got shape {tuple(t.shape)}")
             if not t.is_floating_point():
@@ -128,8 +127,7 @@ class FlashMoEScienceAttention(nn.Module):
         b, s_q, _ = query.shape
         s_k = key.shape[1]
         if attn_mask is not None and not is_causal:
-            if not isinstance(attn_mask, torch.Tensor):
-                raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+            check_tensor("attn_mask", attn_mask)
             allowed = ((s_q, s_k), (b * self.num_heads, s_q, s_k))
             if tuple(attn_mask.shape) not in allowed:
                 raise ValueError(

@@ -52,6 +52,15 @@ def _positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def check_moe_input(x: object, hidden_size: int) -> None:
+    """The input check of the MoE layers (this one and the expert-parallel one): a
+    floating-point tensor whose last dim is ``hidden_size``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.shape[-1] != hidden_size:
+        raise ValueError(f"x has last dim {x.shape[-1]}; expected hidden_size={hidden_size}")
+
+
 def init_moe_module(
     module: nn.Module,
     hidden_size: int,
@@ -189,10 +198,7 @@ class FlashMoELayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x has last dim {x.shape[-1]}; expected hidden_size={self.hidden_size}")
+        check_moe_input(x, self.hidden_size)
         shape = x.shape
         tokens = x.reshape(-1, self.hidden_size)
         logits = self.router(tokens)
