@@ -87,6 +87,11 @@ SUITES: dict[str, Suite] = {
         _MAIN + (_GQA,) + _HDIM64,
         _QUICK,
     ),
+    "d128": Suite(
+        "the hdim-128 rows of issues 3 and 4 only (2k-16k full+causal): decisive many-round runs",
+        _MAIN,
+        _MAIN[:2],
+    ),
     "short": Suite(
         "issue 3's short sequences (512/1k, hdim 128) where host time per call shows",
         _SHORT,
