@@ -199,7 +199,8 @@ def test_bwd_preprocess_padded(d):
     """The Gluon backward's preprocess (a Triton kernel, so it runs in the interpreter): delta =
     rowsum(dO * O) and lse2 = lse * log2(e) over every row of a padded (B, H, S_pad) buffer, with
     delta 0 and lse2 +inf past S_q and where a row saw no key (lse = -inf); the buffers start
-    NaN, so an unwritten row fails."""
+    NaN, so an unwritten row fails. It also zeroes the float32 dQ accumulator's S_q rows and
+    nothing past them."""
     from flashmoe_science.ops.attention.kernels import bwd as bwd_k
 
     b, h, s_q, s_pad, block_m = 2, 3, 70, 128, 64
@@ -209,10 +210,13 @@ def test_bwd_preprocess_padded(d):
     lse[0, 1, 5] = float("-inf")
     delta = torch.full((b, h, s_pad), float("nan"), device=DEVICE)
     lse2 = torch.full((b, h, s_pad), float("nan"), device=DEVICE)
+    # The dQ accumulator, with a sentinel row past its end that the kernel must not touch.
+    dq_acc = torch.full((b * h * s_q + 1, d), float("nan"), device=DEVICE)
     bwd_k._bwd_preprocess_padded[(s_pad // block_m, b * h, 1)](
-        o, do, lse, delta, lse2, *o.stride()[:3], *do.stride()[:3], *lse.stride(), s_q, s_pad, h, b * h,
-        HEAD_DIM=d, BLOCK_D=128 if d > 64 else 64, BLOCK_M=block_m,
+        o, do, lse, delta, lse2, dq_acc, *o.stride()[:3], *do.stride()[:3], *lse.stride(), s_q, s_pad, h,
+        b * h, HEAD_DIM=d, BLOCK_D=128 if d > 64 else 64, BLOCK_M=block_m, ZERO_DQ=True,
     )  # fmt: skip
+    assert not dq_acc[:-1].any() and dq_acc[-1].isnan().all()
     want_delta = torch.zeros(b, h, s_pad, dtype=torch.float64)
     want_delta[..., :s_q] = (o.double() * do.double()).sum(-1).cpu()
     want_lse2 = torch.full((b, h, s_pad), math.inf, dtype=torch.float64)

@@ -12,9 +12,9 @@ Covers dense (B, H, S, D) float16/bfloat16 on sm_90, D 64 and 128 (80, 96, 112 r
 
 Steps: (1) the Triton ``_bwd_preprocess_padded`` writes delta = rowsum(dO * O) and
 lse2 = lse * log2(e) into float32 (B, H, S_pad) buffers (S_pad: S_q rounded up to 128;
-delta 0 and lse2 +inf past S_q and where a row saw no key: P = 0 there); (2) the Gluon kernel
-accumulates dK, dV per KV block and adds (scaled) dS K into a zeroed float32 dQ buffer by TMA
-reduce-add; (3) the buffer is cast to dQ's dtype.
+delta 0 and lse2 +inf past S_q and where a row saw no key: P = 0 there), and zeroes the float32
+dQ buffer; (2) the Gluon kernel accumulates dK, dV per KV block and adds (scaled) dS K into that
+buffer by TMA reduce-add; (3) the buffer is cast to dQ's dtype.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ CANDIDATE_CONFIGS: dict[int, tuple[_Cfg, ...]] = {
     128: ((64, 64, 2, 2), (64, 64, 2, 1)),
 }
 SPILL_BYTES: dict[tuple[int, _Cfg], int] = {(128, (64, 64, 2, 2)): 128}
+# A operands from registers: K of S^T = K Q^T and V of dP^T = V dO^T (loaded once per program) and
+# dS^T of dK = dS^T Q (from the registers that computed it; the dQ MMAs still read it from shared
+# memory). D64: 1.07-1.09x the shared-memory version on an H100 (docs/attention_bwd.md). D128: K/V in
+# registers spill 468-596 bytes (ptxas), dS^T alone measured 0.95-0.99x in 5 of 6 cases: off.
+A_REGS: dict[int, bool] = {64: True, 128: False}
 # maxnreg at launch (64K registers / SM over 4 + 4 + 1(4) warps) and each consumer's setmaxnreg.
 _REGS = {2: (168, 240), 1: (255, 255)}
 
@@ -126,12 +131,12 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
 
     delta = torch.empty((b, h, s_pad), dtype=torch.float32, device=dev)
     lse2 = torch.empty((b, h, s_pad), dtype=torch.float32, device=dev)
+    dq_acc = torch.empty((b, h, s_q, d), dtype=torch.float32, device=dev)  # zeroed by the preprocess
     num_bh = b * h
     _triton_k._bwd_preprocess_padded[(s_pad // _PRE_BLOCK_M, *launch_bwd._bh_axes(num_bh))](
-        out, do, lse, delta, lse2, *out.stride()[:3], *do.stride()[:3], *lse.stride(), s_q, s_pad, h, num_bh,
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=_PRE_BLOCK_M,
+        out, do, lse, delta, lse2, dq_acc, *out.stride()[:3], *do.stride()[:3], *lse.stride(), s_q, s_pad, h,
+        num_bh, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=_PRE_BLOCK_M, ZERO_DQ=True,
     )  # fmt: skip
-    dq_acc = torch.zeros((b, h, s_q, d), dtype=torch.float32, device=dev)
     dq_desc = _dq_descriptor(dq_acc, bm, d_pad // consumers)
     # Gradients with their inputs' strides (``empty_like``), as the custom op's fake
     # implementation promises: a compiled graph views them the way it viewed q, k, v.
@@ -147,6 +152,7 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
         dq_desc, _row_descriptor(lse2, bm), _row_descriptor(delta, bm),
         h_kv, h // h_kv, s_q, s_k, scale * _LOG2E, scale,
         HEAD_DIM=d_pad, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
-        CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg,
+        CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, A_REGS=A_REGS[d_pad], num_warps=4,
+        maxnreg=maxnreg,
     )  # fmt: skip
     return torch.empty_like(q).copy_(dq_acc), dk, dv

@@ -104,15 +104,19 @@ def _rowsum_do_o(O, DO, b, h, rows, offs_m, seqlen_q, stride_ob, stride_oh, stri
 
 @triton.jit(do_not_specialize=["seqlen_q", "S_PAD", "H", "NUM_BH"])
 def _bwd_preprocess_padded(
-    O, DO, LSE, DELTA, LSE2,
+    O, DO, LSE, DELTA, LSE2, DQ_ACC,
     stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos, stride_lb, stride_lh, stride_ls,
     seqlen_q, S_PAD, H, NUM_BH,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):  # fmt: skip
     """For the Gluon backward (dense; BLOCK_D: HEAD_DIM rounded up to a power of two):
     delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf for rows that saw no key) into
     contiguous float32 (B, H, S_PAD) buffers, every row written: delta = 0 and lse2 = +inf past
-    S_q (P = 0 there)."""
+    S_q (P = 0 there).
+
+    With ``ZERO_DQ`` it also zeroes the program's rows of the contiguous float32
+    (B, H, S_q, HEAD_DIM) buffer ``DQ_ACC`` the backward kernel reduces dQ into (one launch
+    instead of a separate fill)."""
     pid_m = tl.program_id(0)
     pid_bh = _pid_bh()
     if pid_bh >= NUM_BH:
@@ -127,6 +131,12 @@ def _bwd_preprocess_padded(
     out = pid_bh.to(tl.int64) * S_PAD + row
     tl.store(DELTA + out, delta)
     tl.store(LSE2 + out, lse2)
+    if ZERO_DQ:
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = DQ_ACC + (pid_bh.to(tl.int64) * seqlen_q + row[:, None]) * HEAD_DIM + offs_d[None, :]
+        _store_rows(
+            acc, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D
+        )
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "H", "NUM_BH"])

@@ -23,8 +23,9 @@ One program per (KV block of ``NUM_CONSUMERS * BLOCK_N`` key rows, batch, KV hea
         P^T  = exp2(S^T * scale * log2 e - lse2)   lse2 = lse * log2 e (+inf: no key / pad)
         dS^T = scale * P^T * (dP^T - delta)         -> shared memory (bf16/fp16)
         dV  += P^T dO                    (wgmma, P^T from registers)
-        dK  += dS^T Q                    (wgmma, dS^T from shared memory)
+        dK  += dS^T Q                    (wgmma, dS^T from shared memory, or registers: A_REGS)
         dQ[:, cols of C] = sum over the program's consumers c' of dS_c' K_c'[:, cols of C]
+    With ``A_REGS`` (D64) K and V are also A operands from registers, loaded once per program.
     The three products after dS^T are issued back to back. Every consumer needs every
     consumer's dS^T for its dQ columns (D / NUM_CONSUMERS of them): the dS^T slots are
     double-buffered by tile parity with ``ds_full`` / ``ds_empty`` mbarriers. A consumer's dQ
@@ -140,7 +141,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
               kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-              CAUSAL: gl.constexpr):  # fmt: skip
+              CAUSAL: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
     """One warpgroup: key rows [kn0, kn0 + BLOCK_N), kn0 = n0 + C * BLOCK_N; dQ columns
     [C * DQ_COLS, (C + 1) * DQ_COLS) of every query tile, over all of the program's keys."""
     dtype: gl.constexpr = dk_desc.dtype
@@ -182,6 +183,14 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
 
     mbarrier.wait(kv_ready.index(C), 0)
+    if A_REGS:
+        # The A operands of S^T = K Q^T and dP^T = V dO^T from registers, loaded once per program,
+        # and dK's dS^T from the registers that computed it (fits at D64; spills at D128).
+        k_op = k.load(a_layout)
+        v_op = v.load(a_layout)
+    else:
+        k_op = k
+        v_op = v
     for it in range(GROUP * n_mb):
         off_h = off_hk * GROUP + it // n_mb
         mb = mb_lo + (it % n_mb + rot) % n_mb
@@ -193,10 +202,10 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         mbarrier.wait(q_ready.index(s), ph)
         q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        st_tok = warpgroup_mma(k, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        st_tok = warpgroup_mma(k_op, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         lse2 = lse_smem.index(s).reshape([BLOCK_M]).load(qry_layout)
         mbarrier.wait(do_ready.index(s), ph)
-        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(v_op, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         st = warpgroup_mma_wait(1, deps=(st_tok,))
         pt = gl.exp2(st * qk_scale - lse2[None, :])
         if tail | (mb < mb_free):
@@ -217,7 +226,11 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         if NUM_CONSUMERS > 1:
             mbarrier.arrive(ds_full.index(buf), count=1)
         dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
-        dk_tok = warpgroup_mma(ds_tile, q, dk, is_async=True)
+        if A_REGS:
+            ds_op = gl.convert_layout(ds, a_layout)
+        else:
+            ds_op = ds_tile
+        dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
         if NUM_CONSUMERS > 1:
             mbarrier.wait(ds_full.index(buf), bph)
         # dQ[:, C * DQ_COLS:] = sum over the program's key slices of dS K.
@@ -228,7 +241,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
             dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS + c2).permute((1, 0)),
                                    k_smem.index(c2).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
                                    dq_tok, is_async=True)  # fmt: skip
-        dv, p_op, dk, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, dq_tok))
+        dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
         mbarrier.arrive(empty.index(s), count=1)
         if NUM_CONSUMERS > 1:
             mbarrier.arrive(ds_empty.index(buf), count=1)
@@ -256,22 +269,24 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
 def _consumer0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready, q_ready,
                do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
+               A_REGS: gl.constexpr):  # fmt: skip
     _consumer(0, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
               q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-              CAUSAL)  # fmt: skip
+              CAUSAL, A_REGS)  # fmt: skip
 
 
 @gluon.jit
 def _consumer1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready, q_ready,
                do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
+               NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
+               A_REGS: gl.constexpr):  # fmt: skip
     _consumer(1, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
               q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-              CAUSAL)  # fmt: skip
+              CAUSAL, A_REGS)  # fmt: skip
 
 
 @gluon.jit
@@ -279,7 +294,7 @@ def attn_bwd_gluon_kernel(
     q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, lse_desc, delta_desc,
     H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, A_REGS: gl.constexpr = False,
 ):  # fmt: skip
     """Grid: (cdiv(S_k, NUM_CONSUMERS * BLOCK_N) * B * H_kv,). Launch with num_warps=4
     (consumer 0; the other consumer and the producer warp are worker partitions).
@@ -330,11 +345,11 @@ def attn_bwd_gluon_kernel(
                 (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
                               kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
-                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL)),
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS)),
                 (_consumer1, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
                               kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
-                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL)),
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
                              v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
@@ -348,7 +363,7 @@ def attn_bwd_gluon_kernel(
                 (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
                               kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
-                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL)),
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
                              v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
