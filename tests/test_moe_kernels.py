@@ -126,6 +126,26 @@ def test_align_invariants(t, e, k, experts, block_m):
     assert al.num_blocks * block_m >= int(padded.sum())
 
 
+@pytest.mark.parametrize("t,e,k,experts", [(100, 8, 4, None), (30, 16, 2, [3, 9]), (64, 64, 8, None)])
+def test_align_block_owners_across_steps(monkeypatch, t, e, k, experts):
+    """The block owners come from a running maximum over marked segment starts, carried from one
+    step of blocks to the next: with 16-block steps the carry is exercised (both paths), and the
+    result must equal the owners implied by the padded segments."""
+    from flashmoe_science.ops.moe import launch
+
+    monkeypatch.setattr(launch, "OWNER_STEP", 16)
+    ids = _random_ids(t, e, k, experts)
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=e)
+    padded = (counts + 15) // 16 * 16
+    for chunk in (64, None):
+        al = launch.align(ids, e, 16, chunk=chunk)
+        assert al.num_blocks > 16
+        expect = torch.full((al.num_blocks,), -1, dtype=torch.long)
+        used = int(padded.sum()) // 16
+        expect[:used] = torch.repeat_interleave(torch.arange(e), padded // 16)
+        torch.testing.assert_close(al.block_expert.long(), expect, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("t,e,k,experts", ALIGN_CASES)
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_align_single_program_matches_chunked(t, e, k, experts, block_m):

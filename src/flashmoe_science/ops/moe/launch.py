@@ -379,6 +379,9 @@ class Alignment:
 
 # One program aligns (and, for route_align, routes) at most this many slots.
 SINGLE_CHUNK = 2048
+# Blocks per step of the block-owner scan (``kernels.align._block_owners``; a running maximum
+# carried across steps).
+OWNER_STEP = 1024
 
 
 def _align_buffers(numel: int, num_experts: int, block_m: int, dev):
@@ -400,7 +403,7 @@ def _single_meta(numel: int, num_experts: int, num_blocks: int) -> dict:
     return dict(
         CHUNK=max(16, _pow2(numel)),
         BLOCK_E=block_e,
-        BLOCK_B=max(16, min(256, 8192 // block_e, _pow2(num_blocks))),
+        BLOCK_B=max(16, min(OWNER_STEP, _pow2(num_blocks))),
         BLOCK_R=1024,
     )
 
@@ -438,7 +441,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int 
         ids, counts, numel, num_experts, CHUNK=chunk, BLOCK_E=block_e, num_warps=warps
     )
     block_c = max(1, min(_pow2(num_chunks), max(1, 8192 // block_e)))
-    block_b = max(16, min(256, 8192 // block_e))
+    block_b = max(16, min(OWNER_STEP, _pow2(num_blocks)))
     _align.align_scan_kernel[(1,)](
         counts,
         base,

@@ -5,7 +5,7 @@ Three launches, all sized by shapes only (never by the routing data):
   1. ``align_count_kernel`` (one program per CHUNK slots): histogram of the chunk's experts.
   2. ``align_scan_kernel`` (one program): per-expert totals, padded segment starts, the
      destination base of each (chunk, expert) pair, and the expert of every BLOCK_M block
-     of the worst-case-sized row buffer (-1 past the last used block).
+     of the worst-case-sized row buffer (-1 past the last used block; ``_block_owners``).
   3. ``align_scatter_kernel`` (one program per chunk): sorts the chunk by (expert, slot),
      writes each slot to its row. Within an expert, rows are in slot order (deterministic).
 
@@ -33,6 +33,36 @@ def align_count_kernel(ids_ptr, counts_ptr, numel, E, CHUNK: tl.constexpr, BLOCK
     ids = _load_ids(ids_ptr, c, numel, E, CHUNK)
     hist = tl.histogram(ids, BLOCK_E)
     tl.store(counts_ptr + c * BLOCK_E + tl.arange(0, BLOCK_E), hist)
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _block_owners(
+    block_expert_ptr, pstart, total, e, e_ok, num_blocks, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr
+):
+    """block_expert[b] = the expert whose padded segment holds row b * BLOCK_M, -1 past the last
+    used block. Segments are in expert order and every expert with slots starts its own block, so:
+    mark each such start with its expert (distinct blocks: plain stores), then a running maximum
+    over the blocks (empty experts, whose segments are empty, never own a block). One program;
+    ``tl.debug_barrier`` orders its global stores and loads."""
+    for b0 in range(0, num_blocks, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        tl.store(block_expert_ptr + bs, tl.full((BLOCK_B,), -1, tl.int32), mask=bs < num_blocks)
+    tl.debug_barrier()
+    tl.store(block_expert_ptr + pstart // BLOCK_M, e, mask=e_ok & (total > 0))
+    tl.debug_barrier()
+    used_rows = tl.sum(tl.where(e_ok, (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0), axis=0)
+    carry = -1
+    for b0 in range(0, num_blocks, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        mark = tl.load(block_expert_ptr + bs, mask=bs < num_blocks, other=-1)
+        owner = tl.maximum(tl.associative_scan(mark, 0, _max_combine), carry)
+        carry = tl.max(owner, axis=0)
+        tl.store(block_expert_ptr + bs, tl.where(bs * BLOCK_M < used_rows, owner, -1), mask=bs < num_blocks)
 
 
 @triton.jit
@@ -76,14 +106,7 @@ def align_scan_kernel(
         tl.store(base_ptr + cs[:, None] * BLOCK_E + e[None, :], before - smaller, mask=c_ok)
         run += tl.sum(cnt, axis=0)
 
-    # The expert owning row b*BLOCK_M is the number of experts whose padded segment ends at
-    # or before it (segments are in expert order; empty experts have empty segments).
-    for b0 in range(0, num_blocks, BLOCK_B):
-        bs = b0 + tl.arange(0, BLOCK_B)
-        pos = bs * BLOCK_M
-        ended = e_ok[None, :] & (pend[None, :] <= pos[:, None])
-        owner = tl.sum(ended.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + bs, tl.where(owner < E, owner, -1), mask=bs < num_blocks)
+    _block_owners(block_expert_ptr, pstart, total, e, e_ok, num_blocks, BLOCK_M, BLOCK_B)
 
 
 @triton.jit
@@ -132,11 +155,7 @@ def _align_single(
     pstart = pend - padded
     tl.store(expert_start_ptr + e, pstart, mask=e_ok)
     tl.store(expert_count_ptr + e, total, mask=e_ok)
-    for b0 in range(0, num_blocks, BLOCK_B):
-        bs = b0 + tl.arange(0, BLOCK_B)
-        ended = e_ok[None, :] & (pend[None, :] <= (bs * BLOCK_M)[:, None])
-        owner = tl.sum(ended.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + bs, tl.where(owner < E, owner, -1), mask=bs < num_blocks)
+    _block_owners(block_expert_ptr, pstart, total, e, e_ok, num_blocks, BLOCK_M, BLOCK_B)
     num_rows = num_blocks * BLOCK_M
     for r0 in range(0, num_rows, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
