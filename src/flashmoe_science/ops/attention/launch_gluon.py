@@ -61,21 +61,33 @@ _Cfg = tuple[int, int, int, bool, int, int]
 # snake 653 / 598 and per tile 679 / 605: the schedules are within the spread there.
 # D80/D96 take D128's configs (run 6, D96 4k: full 496 vs cuDNN 514, causal 458 vs 409; snake
 # vs round-robin at D96 full 489 / 478 and 500 / 488 in runs 6 and 8).
+# D64 since session 8 (H100, one process, 5 rotated rounds, B*S = 16k, H32; previous (3 stages, no
+# ping-pong) vs ping-pong with 2 stages, TFLOP/s): causal 2k 350 / 368, 4k 419 / 422, full 2k 470 /
+# 479, 4k 486 / 481, 16k 507 / 520; and causal above 4k one program per tile: 8k 425 -> 448, 16k
+# 432 -> 477 (persistent at 4k: 422 vs 384 per tile). See docs/attention_fwd.md.
 DEFAULT_CONFIG: dict[tuple[int, bool], _Cfg] = {
-    (64, False): (64, 128, 3, False, 3, 2),
-    (64, True): (64, 128, 3, False, 3, 2),
+    (64, False): (64, 128, 2, True, 3, 2),
+    (64, True): (64, 128, 2, True, 3, 2),
     (128, False): (64, 128, 2, False, 2, 2),
     (128, True): (64, 128, 2, False, 2, 2),
     (256, False): (64, 64, 2, False, 2, 2),
     (256, True): (64, 64, 2, False, 2, 2),
 }
-_LONG_CAUSAL_SEQ = 8192  # causal S_q above this: one program per tile (schedule 0)
+# Causal S_q above this (per padded head dim): one program per tile (schedule 0).
+_LONG_CAUSAL_SEQ = {64: 4096, 128: 8192, 256: 8192}
+# D64 short sequences: two consumers (128-row tiles) instead of three (192 rows: at 512 rows three
+# tiles hold 576, and a causal tile's work is more uneven). H100, same process, 5 rounds, TFLOP/s
+# three consumers / this: causal 512 128 / 203, 1k 207 / 316, 2k 365 / 380; full 512 373 / 396,
+# 1k 414 / 436 (cuDNN 260, 336, 386, 385, 425). Used up to S_q 1024, and 2048 for causal.
+_D64_SHORT: _Cfg = (64, 128, 3, False, 2, 2)
 
 
 def default_config(d: int, causal: bool, s_q: int) -> _Cfg:
     """Config for (padded) head dim d."""
     cfg = DEFAULT_CONFIG[(_pad(d), bool(causal))]
-    if causal and s_q > _LONG_CAUSAL_SEQ:
+    if _pad(d) == 64 and s_q <= (2048 if causal else 1024):
+        cfg = _D64_SHORT
+    if causal and s_q > _LONG_CAUSAL_SEQ[_pad(d)]:
         cfg = cfg[:5] + (0,)
     return cfg
 
