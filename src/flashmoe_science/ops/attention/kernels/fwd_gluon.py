@@ -210,6 +210,16 @@ def _softmax_step(s, m_i, start_n, row0, diag, seqlen_k, qk_scale, need_mask,
 
 
 @gluon.jit
+def _store_out(o_desc, o_tile, acc, off_b, off_h, row0, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """A consumer's output rows [row0, row0 + BLOCK_M) through its staging buffer by TMA (rows
+    past S_q clip). The previous tile's store must have read the buffer first."""
+    tma.store_wait(0)
+    o_tile.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(o_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], o_tile)
+
+
+@gluon.jit
 def _consumer(C: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
               v_ready, v_empty, turn, Lse, stride_lb, stride_lh, num_tiles, num_m, H, GROUP, seqlen_q, seqlen_k,
               qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -352,18 +362,10 @@ def _consumer(C: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_ready, 
             # An empty consumer of a shifted tile (rows below 0) stores nothing.
             gl.store(lse_ptrs, lse, mask=(rows < seqlen_q) & (rows >= 0))
             if row0 >= 0:
-                tma.store_wait(0)
-                o_tile.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], o_tile)
+                _store_out(o_desc, o_tile, acc, off_b, off_h, row0, BLOCK_M, HEAD_DIM)
         else:
             gl.store(lse_ptrs, lse, mask=rows < seqlen_q)
-            # The previous tile's output store must have read the staging buffer (rows past S_q
-            # clip).
-            tma.store_wait(0)
-            o_tile.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], o_tile)
+            _store_out(o_desc, o_tile, acc, off_b, off_h, row0, BLOCK_M, HEAD_DIM)
         if O_IN_Q:
             # The output went out through Q's buffer: the next tile's Q may load once it is read.
             tma.store_wait(0)
