@@ -96,6 +96,15 @@ ALIGN_CASES = [
 ]
 
 
+def _block_owners(padded: torch.Tensor, block_m: int, num_blocks: int) -> torch.Tensor:
+    """The expert owning each BLOCK_M block of the row buffer (-1 past the used blocks), from the
+    experts' padded segment sizes, which are laid out in expert order."""
+    owners = torch.full((num_blocks,), -1, dtype=torch.long)
+    used = int(padded.sum()) // block_m
+    owners[:used] = torch.repeat_interleave(torch.arange(len(padded)), padded // block_m)
+    return owners
+
+
 @pytest.mark.parametrize("t,e,k,experts", ALIGN_CASES)
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_align_invariants(t, e, k, experts, block_m):
@@ -119,10 +128,9 @@ def test_align_invariants(t, e, k, experts, block_m):
     # Scatter and gather invert: the valid rows are a permutation of the T*K slots.
     perm = torch.cat(gathered)
     assert torch.equal(torch.sort(perm).values, torch.arange(t * k))
-    used = int(padded.sum()) // block_m
-    expect = torch.full((al.num_blocks,), -1, dtype=torch.long)
-    expect[:used] = torch.repeat_interleave(torch.arange(e), padded // block_m)
-    torch.testing.assert_close(al.block_expert.long(), expect, rtol=0, atol=0)
+    torch.testing.assert_close(
+        al.block_expert.long(), _block_owners(padded, block_m, al.num_blocks), rtol=0, atol=0
+    )
     assert al.num_blocks * block_m >= int(padded.sum())
 
 
@@ -140,10 +148,9 @@ def test_align_block_owners_across_steps(monkeypatch, t, e, k, experts):
     for chunk in (64, None):
         al = launch.align(ids, e, 16, chunk=chunk)
         assert al.num_blocks > 16
-        expect = torch.full((al.num_blocks,), -1, dtype=torch.long)
-        used = int(padded.sum()) // 16
-        expect[:used] = torch.repeat_interleave(torch.arange(e), padded // 16)
-        torch.testing.assert_close(al.block_expert.long(), expect, rtol=0, atol=0)
+        torch.testing.assert_close(
+            al.block_expert.long(), _block_owners(padded, 16, al.num_blocks), rtol=0, atol=0
+        )
 
 
 @pytest.mark.parametrize("t,e,k,experts", ALIGN_CASES)
