@@ -77,6 +77,8 @@ def sanitize_gluon() -> None:
         run(1, 4, 1, 400, 450, 64, False),  # 3 consumers, snake (default)
         run(1, 4, 1, 450, 400, 64, True, programs=3),
         run(1, 4, 1, 450, 400, 64, True, (64, 128, 3, True, 3, 1), programs=3),
+        # Three consumers, causal, S_q 1000: the first tile is shifted by two empty consumers.
+        run(1, 2, 1, 1000, 1000, 64, True, (64, 128, 2, True, 3, 2), programs=3),
         run(1, 4, 2, 300, 333, 96, False),  # D96 as 128: zero-filled columns, clipped stores
         run(1, 4, 2, 333, 300, 80, True, programs=3),
         run(1, 4, 2, 300, 333, 256, False),  # D256: output staged in Q's buffer
