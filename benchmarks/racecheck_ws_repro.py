@@ -13,15 +13,16 @@ partition (4 warps) and one 1-warp worker, each storing its own range of ``out``
   (``bar.sync 0, 128`` / ``bar.sync 3, 128``, inline PTX), as Gluon emits before a warpgroup's
   mbarrier arrive;
 * ``mbar``: mbarriers initialised in the body before ``warp_specialize``, a worker arrives and
-  the default partition waits (the pattern of the attention and MoE Gluon kernels).
+  the default partition waits (the pattern of the attention Gluon kernels).
 
-On an H100 (compute-sanitizer 2025.3.1, 2026-11-26): ``ws`` 0 hazards; ``bar0``, ``bar3`` and
-``mbar`` one reported race each, between the worker warps' read of Triton's partition-state
-byte (``LDS.U8`` after the dispatch's ``BAR.SYNC 1``) and the default warps' write of the exit
-state at the end (``STS`` before the final ``BAR.SYNC 1``). In the SASS (``sass`` mode) every such
-read and write is separated by CTA-wide ``BAR.SYNC 1`` (all threads), so the pair is ordered; the
-only change between ``ws`` and ``bar3`` is a barrier over a subset of the threads with a
-different id. Prints ``racecheck_ws_repro <kernel>: outputs written <bool>``.
+On an H100 (compute-sanitizer 2025.3.1, 2026-11-26, two runs of these kernels or equivalent
+ones): ``ws`` 0 hazards in both; ``bar3`` and ``mbar`` one reported race each in both; ``bar0``
+one in the first run, none in the second. The race is always between the worker warps' read of
+Triton's partition-state byte (``LDS.U8`` after the dispatch's ``BAR.SYNC 1``) and the default
+warps' write of the exit state at the end (``STS`` before the final ``BAR.SYNC 1``). In the SASS
+(``sass`` mode) every such read and write is separated by CTA-wide ``BAR.SYNC 1`` (all threads),
+so the pair is ordered; the only change between ``ws`` and ``bar3`` is a barrier over a subset
+of the threads with a different id. Prints ``racecheck_ws_repro <kernel>: outputs written <bool>``.
 """
 
 from __future__ import annotations
