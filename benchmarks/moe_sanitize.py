@@ -21,16 +21,10 @@ os.environ.setdefault("FLASHMOE_MOE_AUTOTUNE", "0")
 
 import torch  # noqa: E402
 
+from benchmarks.harness import rel_err  # noqa: E402
 from benchmarks.peers._common import forced_backend  # noqa: E402
 from flashmoe_science import fused_moe  # noqa: E402
 from flashmoe_science.ops.moe import launch, route  # noqa: E402
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    if not bool(torch.isfinite(a).all()):
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _weights(e: int, h: int, f: int, dev, grad: bool = False):
@@ -47,7 +41,7 @@ def _inference(t: int, h: int, f: int, e: int, k: int, dev) -> float:
         y = fused_moe(x, w1, w2, logits, top_k=k)
         with forced_backend("reference"):
             ref = fused_moe(x.float(), w1.float(), w2.float(), logits, top_k=k)
-    return _rel(y, ref)
+    return rel_err([y], [ref])
 
 
 def _training(t: int, h: int, f: int, e: int, k: int, dev) -> float:
@@ -62,7 +56,7 @@ def _training(t: int, h: int, f: int, e: int, k: int, dev) -> float:
     with forced_backend("reference"):
         ref_y = fused_moe(*ref_leaves[:3], ref_leaves[3], top_k=k)
         ref_grads = torch.autograd.grad(ref_y, ref_leaves, dy.float())
-    return max([_rel(y, ref_y)] + [_rel(g, r) for g, r in zip(grads, ref_grads)])
+    return rel_err([y, *grads], [ref_y, *ref_grads])
 
 
 def _align_check(t: int, e: int, k: int, block_m: int, dev) -> bool:
@@ -109,7 +103,7 @@ def main() -> None:
     with forced_backend("reference"):
         w_ref, ids_ref = route(logits, 4, scoring="sigmoid", bias=bias, n_group=4, topk_group=2)
     same = torch.equal(ids.long().sort(1).values, ids_ref.long().sort(1).values)
-    check("group-limited sigmoid route", f"ids equal {same}, weights err {_rel(w, w_ref):.1e}", same)
+    check("group-limited sigmoid route", f"ids equal {same}, weights err {rel_err([w], [w_ref]):.1e}", same)
     ok = _align_check(2048, 64, 8, 16, dev)
     check("align T=2048 E=64 K=8 block_m 16 (multi-step block owners)", ok, ok)
     if dev.type == "cuda":

@@ -384,6 +384,11 @@ SINGLE_CHUNK = 2048
 OWNER_STEP = 1024
 
 
+def _owner_block(num_blocks: int) -> int:
+    """BLOCK_B of the block-owner scan: one step of up to ``OWNER_STEP`` blocks."""
+    return max(16, min(OWNER_STEP, _pow2(num_blocks)))
+
+
 def _align_buffers(numel: int, num_experts: int, block_m: int, dev):
     # Worst case: every non-empty expert (at most min(E, T*K)) leaves one partial block.
     num_blocks = _cdiv(numel, block_m) + min(num_experts, numel)
@@ -403,7 +408,7 @@ def _single_meta(numel: int, num_experts: int, num_blocks: int) -> dict:
     return dict(
         CHUNK=max(16, _pow2(numel)),
         BLOCK_E=block_e,
-        BLOCK_B=max(16, min(OWNER_STEP, _pow2(num_blocks))),
+        BLOCK_B=_owner_block(num_blocks),
         BLOCK_R=1024,
     )
 
@@ -441,7 +446,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, *, chunk: int 
         ids, counts, numel, num_experts, CHUNK=chunk, BLOCK_E=block_e, num_warps=warps
     )
     block_c = max(1, min(_pow2(num_chunks), max(1, 8192 // block_e)))
-    block_b = max(16, min(OWNER_STEP, _pow2(num_blocks)))
+    block_b = _owner_block(num_blocks)
     _align.align_scan_kernel[(1,)](
         counts,
         base,
