@@ -4,6 +4,7 @@ On an sm_90 machine:
 
     PYTHONPATH=src:. python3 -m benchmarks.attn_bwd_gluon --phase check       # gradients, per config
     PYTHONPATH=src:. python3 -m benchmarks.attn_bwd_gluon --phase bench --out benchmarks/results
+    PYTHONPATH=src:. compute-sanitizer --tool memcheck python3 -m benchmarks.attn_bwd_gluon --phase sanitize
 
 check  every candidate config (``launch_bwd_gluon.CANDIDATE_CONFIGS``) at a small GQA causal
        and full shape, each in a subprocess with a timeout (a deadlocked mbarrier ring costs one
@@ -13,6 +14,9 @@ bench  backward TFLOP/s (2.5 x forward FLOPs / backward time, issue 4's conventi
        (``FLASHMOE_ATTN_BWD_TUNE=0``, its default configs) and each Gluon config; the Gluon
        times include its preprocess, the dQ buffer's zero fill and the cast. Writes
        ``attention_bwd-gluon-<stamp>.json`` into --out.
+sanitize  small ragged launches for ``compute-sanitizer`` (memcheck / racecheck): D 64 / 96 / 128,
+       both configs of D64, full and causal, GQA, S_q < S_k and S_q > S_k, program chunks
+       (``head_chunk``) of 1, 2 and 3 heads (a short last chunk); gradients checked after.
 """
 
 from __future__ import annotations
@@ -61,6 +65,40 @@ def _check_one(d: int, cfg: tuple[int, ...]) -> None:
             torch.cuda.synchronize()
             check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
     print("ok")
+
+
+def sanitize() -> None:
+    sys.path.insert(0, "tests")
+    from _attention import check_grads, reference_grads
+
+    from flashmoe_science.ops.attention import launch_bwd_gluon, reference
+
+    # (B, H, H_kv, S_q, S_k, D, causal, config, chunk); None: the launcher's choice.
+    runs = [
+        (1, 4, 2, 200, 131, 128, False, None, None),
+        (1, 4, 2, 131, 200, 128, True, None, None),
+        (2, 4, 1, 257, 257, 128, True, None, 3),  # a chunk of 3 over 2 (batch, KV head) pairs
+        (5, 2, 1, 300, 300, 128, True, None, 2),  # 5 pairs in chunks of 2: the last holds 1
+        (1, 4, 2, 200, 77, 64, False, None, None),
+        (1, 4, 2, 77, 200, 64, True, None, None),
+        (1, 4, 2, 200, 131, 64, True, (64, 64, 2, 1), None),  # one consumer
+        (1, 4, 4, 131, 200, 96, True, None, None),  # D96 as 128
+    ]
+    launches = 0
+    for b, h, h_kv, s_q, s_k, d, causal, cfg, chunk in runs:
+        q = torch.randn(b, h, s_q, d, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(b, h_kv, s_k, d, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        scale = 1.0 / math.sqrt(d)
+        out, lse = reference.attention_ref(q, k, v, causal, scale)
+        do = torch.randn_like(q)
+        grads = launch_bwd_gluon.attention_bwd_gluon(
+            do, q, k, v, out, lse, causal, scale, config=cfg, chunk=chunk
+        )
+        torch.cuda.synchronize()
+        check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+        launches += 1
+    print(f"sanitize: {launches} Gluon backward launches, gradients within the DESIGN.md rule")
 
 
 def check(timeout: int) -> dict:
@@ -144,7 +182,7 @@ def bench(out_dir: str, only_passed: dict | None) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--phase", choices=("all", "check", "bench"), default="all")
+    p.add_argument("--phase", choices=("all", "check", "bench", "sanitize"), default="all")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--check-one", default=None, help=argparse.SUPPRESS)
@@ -152,6 +190,9 @@ def main(argv=None) -> int:
     if a.check_one:
         d, *cfg = (int(x) for x in a.check_one.split(","))
         _check_one(d, tuple(cfg))
+        return 0
+    if a.phase == "sanitize":
+        sanitize()
         return 0
     passed = check(a.timeout) if a.phase in ("all", "check") else None
     if a.phase in ("all", "bench"):

@@ -41,7 +41,7 @@ _SCRIPT = SM90_DRIVER + textwrap.dedent(
             desc(q, bm), desc(q, bm), desc(kv, bn), desc(kv, bn), desc(kv, bn), desc(kv, bn),
             L._dq_descriptor(dq, bm, d // consumers), L._row_descriptor(lse2, bm),
             L._row_descriptor(lse2, bm),
-            2, 2, 1000, 777, 0.1, 0.1,
+            2, 2, 1000, 777, 0.1, 0.1, 3,
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers, CAUSAL=causal,
             CONSUMER_REGS=regs, A_REGS=L.A_REGS[d], num_warps=4, maxnreg=maxnreg, grid=(1,),
         )

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _hopper(), reason="needs a
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-def _check(b, h, h_kv, s_q, s_k, d, causal, dtype, monkeypatch, config=None):
+def _check(b, h, h_kv, s_q, s_k, d, causal, dtype, monkeypatch, config=None, chunk=None):
     q = torch.randn(b, h, s_q, d, dtype=dtype, device="cuda")
     k = torch.randn(b, h_kv, s_k, d, dtype=dtype, device="cuda")
     v = torch.randn(b, h_kv, s_k, d, dtype=dtype, device="cuda")
@@ -35,10 +35,35 @@ def _check(b, h, h_kv, s_q, s_k, d, causal, dtype, monkeypatch, config=None):
     do = torch.randn_like(q)
     assert launch_bwd_gluon.supported(q, k, v, do, out)
     poison_allocations(monkeypatch)
-    grads = launch_bwd_gluon.attention_bwd_gluon(do, q, k, v, out, lse, causal, scale, config=config)
+    grads = launch_bwd_gluon.attention_bwd_gluon(
+        do, q, k, v, out, lse, causal, scale, config=config, chunk=chunk
+    )
     torch.cuda.synchronize()
     monkeypatch.undo()
     check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 7, 15])
+@pytest.mark.parametrize(
+    "shape", [(3, 10, 5, 300, 517), (3, 5, 5, 1000, 1000)], ids=lambda s: "x".join(map(str, s))
+)
+def test_gluon_bwd_head_chunks(shape, chunk, monkeypatch):
+    """Program order in chunks of (batch, KV head) pairs (``head_chunk``): 15 pairs, so chunks
+    of 2, 4 and 7 leave a short last chunk; every program must still cover its own KV block."""
+    _check(*shape, 128, True, torch.bfloat16, monkeypatch, chunk=chunk)
+
+
+def test_head_chunk_rule():
+    """Causal D128: about one wave of programs per chunk, capped by the head count; full
+    attention and D64: head by head."""
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    for num_n in (1, 8, 16, 64, 128, 4 * sms):
+        chunk = launch_bwd_gluon.head_chunk(True, num_n, 1 << 20, 128, dev)
+        assert chunk & (chunk - 1) == 0 and chunk * num_n <= max(sms, num_n) < 2 * chunk * num_n
+    assert launch_bwd_gluon.head_chunk(True, 8, 3, 128, dev) == 3
+    assert launch_bwd_gluon.head_chunk(False, 8, 64, 128, dev) == 1
+    assert launch_bwd_gluon.head_chunk(True, 8, 64, 64, dev) == 1
 
 
 # (B, H, H_kv, S_q, S_k): block multiples, odd lengths with S_q < S_k and S_q > S_k (causal: the

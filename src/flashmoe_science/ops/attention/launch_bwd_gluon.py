@@ -108,12 +108,36 @@ def _row_descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows], layout)
 
 
-def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, config: _Cfg | None = None):
+def head_chunk(causal: bool, num_n: int, num_bh: int, d_pad: int, device: torch.device) -> int:
+    """(batch, KV head) pairs per chunk of programs (kernel ``_program``).
+
+    Causal programs carry unequal work (a KV block's query rows shrink along the sequence).
+    Head by head, the last head's heaviest programs start last and run alone at the end; with
+    the KV block index running slowest inside a chunk of heads, every head's heavy blocks start
+    before its light ones, which fill the tail. A chunk of about one wave of programs (the
+    largest power of two heads with ``chunk * num_n <= SMs``) measured best on an H100
+    (docs/attention_bwd.md, session 10; bf16, 16k tokens, interleaved rounds, at the power
+    cap): D128 causal 2k / 4k / 8k 1.03 / 1.05 / 1.05x head by head, GQA 32:8 4k 1.10x,
+    32:4 8k 1.08x, 16k 1.00x; chunks of two waves or more gave less and a chunk of every head
+    0.56-0.97x (the concurrent programs then span many heads' Q/dO in L2). D64 causal 4k:
+    0.995-0.997x for every chunk size: head by head there. Full attention: every program has
+    the same work, head by head."""
+    if not causal or d_pad != 128:
+        return 1
+    chunk = 1 << max(0, (launch_gluon._num_sms(device) // num_n).bit_length() - 1)
+    return max(1, min(chunk, num_bh))
+
+
+def attention_bwd_gluon(
+    do, q, k, v, out, lse, causal: bool, scale: float, config: _Cfg | None = None, chunk: int | None = None
+):
     """Dense backward (caller checked ``supported``; S_q, S_k > 0).
 
     Args:
         do, q, out: (B, H, S_q, D); k, v: (B, H_kv, S_k, D); lse: float32 (B, H, S_q), natural
             log, from the forward (-inf for rows that saw no key).
+        config: (BLOCK_M, BLOCK_N, NUM_STAGES, consumers); ``DEFAULT_CONFIG`` when None.
+        chunk: (batch, KV head) pairs per program chunk; ``head_chunk`` when None.
     Returns:
         (dq, dk, dv) with the shapes, dtypes and (``empty_like``) strides of q, k, v.
     """
@@ -144,13 +168,16 @@ def attention_bwd_gluon(do, q, k, v, out, lse, causal: bool, scale: float, confi
     dv = torch.empty_like(v)
 
     desc = launch_gluon._descriptor
-    grid = (triton.cdiv(s_k, consumers * bn) * b * h_kv,)
+    num_n = triton.cdiv(s_k, consumers * bn)
+    grid = (num_n * b * h_kv,)
+    if chunk is None:
+        chunk = head_chunk(causal, num_n, b * h_kv, d_pad, dev)
     maxnreg, consumer_regs = _REGS[consumers]
     bwd_gluon.attn_bwd_gluon_kernel[grid](
         desc(q, bm, d_pad), desc(do, bm, d_pad), desc(k, bn, d_pad), desc(v, bn, d_pad), desc(dk, bn, d_pad),
         desc(dv, bn, d_pad),
         dq_desc, _row_descriptor(lse2, bm), _row_descriptor(delta, bm),
-        h_kv, h // h_kv, s_q, s_k, scale * _LOG2E, scale,
+        h_kv, h // h_kv, s_q, s_k, scale * _LOG2E, scale, chunk,
         HEAD_DIM=d_pad, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers,
         CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, A_REGS=A_REGS[d_pad], num_warps=4,
         maxnreg=maxnreg,

@@ -77,15 +77,22 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _program(H_KV, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _program(H_KV, HEAD_CHUNK, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):  # fmt: skip
     """(b, h_kv, first key row, first query block, query blocks per head) of this program.
-    KV blocks run fastest: a head's programs run together and share its Q/dO in L2; for
-    causal the first KV blocks (the most query rows) start first."""
+    Programs come in chunks of ``HEAD_CHUNK`` (batch, KV head) pairs; inside a chunk the KV
+    block index runs slowest, so a chunk's heads run together (sharing L2) and, for causal, the
+    first KV blocks (the most query rows) of every head of the chunk start before any lighter
+    block: the GPU fills its SMs in program order, so heavy programs go first and light ones
+    fill the tail (longest-first). ``HEAD_CHUNK`` 1 is head by head."""
     num_n = gl.cdiv(seqlen_k, NUM_CONSUMERS * BLOCK_N)
+    num_bh = gl.num_programs(0) // num_n
     pid = gl.program_id(0)
-    pid_n = pid % num_n
-    pid_bh = pid // num_n
+    chunk = pid // (num_n * HEAD_CHUNK)
+    in_chunk = pid - chunk * (num_n * HEAD_CHUNK)
+    heads = gl.minimum(HEAD_CHUNK, num_bh - chunk * HEAD_CHUNK)  # the last chunk may be short
+    pid_n = in_chunk // heads
+    pid_bh = chunk * HEAD_CHUNK + in_chunk % heads
     off_b = pid_bh // H_KV
     off_hk = pid_bh % H_KV
     n0 = pid_n * (NUM_CONSUMERS * BLOCK_N)
@@ -104,12 +111,12 @@ def _program(H_KV, seqlen_q, seqlen_k, BLOCK_M: gl.constexpr, BLOCK_N: gl.conste
 
 @gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
-              delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k,
+              delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, HEAD_CHUNK, GROUP, seqlen_q, seqlen_k,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
               CAUSAL: gl.constexpr):  # fmt: skip
     """One warp: the program's K/V slices, then (Q, dO) tiles of every (query head, query block)
     into the ring."""
-    off_b, off_hk, n0, mb_lo, n_mb, rot = _program(H_KV, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
+    off_b, off_hk, n0, mb_lo, n_mb, rot = _program(H_KV, HEAD_CHUNK, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
                                               CAUSAL)  # fmt: skip
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(kv_ready.index(c), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
@@ -138,7 +145,7 @@ def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_
 
 @gluon.jit
 def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
-              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP,
+              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
               CAUSAL: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
@@ -157,7 +164,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
     key_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     qry_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-    off_b, off_hk, n0, mb_lo, n_mb, rot = _program(H_KV, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
+    off_b, off_hk, n0, mb_lo, n_mb, rot = _program(H_KV, HEAD_CHUNK, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_CONSUMERS,
                                               CAUSAL)  # fmt: skip
     kn0 = n0 + C * BLOCK_N
     diag = seqlen_k - seqlen_q
@@ -267,24 +274,24 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
 
 @gluon.jit
 def _consumer0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready, q_ready,
-               do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP, seqlen_q,
+               do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                A_REGS: gl.constexpr):  # fmt: skip
     _consumer(0, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
-              q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP,
+              q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
               CAUSAL, A_REGS)  # fmt: skip
 
 
 @gluon.jit
 def _consumer1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready, q_ready,
-               do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP, seqlen_q,
+               do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                A_REGS: gl.constexpr):  # fmt: skip
     _consumer(1, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
-              q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, GROUP,
+              q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
               CAUSAL, A_REGS)  # fmt: skip
 
@@ -292,7 +299,7 @@ def _consumer1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_sm
 @gluon.jit
 def attn_bwd_gluon_kernel(
     q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, dq_desc, lse_desc, delta_desc,
-    H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale,
+    H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, HEAD_CHUNK,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, A_REGS: gl.constexpr = False,
 ):  # fmt: skip
@@ -343,15 +350,15 @@ def attn_bwd_gluon_kernel(
         gl.warp_specialize(
             [
                 (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
-                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV,
+                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
                               HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS)),
                 (_consumer1, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
-                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV,
+                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
                               HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
-                             v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
+                             v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, HEAD_CHUNK, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
             ],
             [4, 1],
@@ -361,11 +368,11 @@ def attn_bwd_gluon_kernel(
         gl.warp_specialize(
             [
                 (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
-                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV,
+                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
                               HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
-                             v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
+                             v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, HEAD_CHUNK, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
             ],
             [1],
