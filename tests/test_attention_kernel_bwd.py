@@ -150,16 +150,41 @@ def test_deterministic_runs_are_bit_identical(monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_public_api_triton_path_fwd_and_bwd(causal, monkeypatch):
-    # Forward and backward kernels together through the custom op's registered autograd.
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_public_api_triton_path_fwd_and_bwd(causal, path, monkeypatch):
+    """Forward and backward kernels together through the public API: in eager mode under the
+    plain ``EagerAttention`` function (twice: the second call takes the remembered-metadata
+    shortcut), and with that switched off through the custom ops' registered autograd (the
+    path torch.compile traces)."""
+    from flashmoe_science.ops.attention import api, autograd
+
     monkeypatch.setenv("FLASHMOE_BACKEND", "triton")
+    monkeypatch.setattr(api, "_DIRECT", {})
+    calls = []
+    real = autograd.EagerAttention.apply
+    if path == "eager":
+        monkeypatch.setattr(autograd.EagerAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    else:
+        monkeypatch.setattr(api, "direct_autograd_ok", lambda *t: False)
     q, k, v = _inputs(1, 4, 2, 50, 70, 32, torch.float16)
-    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    out = flash_attention_science(*leaves, causal=causal)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, do)
     scale = 1.0 / math.sqrt(32)
-    check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = flash_attention_science(*leaves, causal=causal)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, do)
+        check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+    assert calls == ([1, 1] if path == "eager" else [])
+
+
+def test_eager_path_lse_only_gives_zero_grads(monkeypatch):
+    """Only lse used (it is not differentiated): zero gradients, as the custom op gives."""
+    monkeypatch.setenv("FLASHMOE_BACKEND", "triton")
+    q, k, v = _inputs(1, 2, 2, 20, 20, 32, torch.float16)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    _, lse = flash_attention_science(*leaves, causal=True, return_lse=True)
+    grads = torch.autograd.grad(lse.sum(), leaves)
+    assert all(torch.equal(g, torch.zeros_like(t)) for g, t in zip(grads, leaves))
 
 
 def test_public_varlen_triton_path_fwd_and_bwd(monkeypatch):

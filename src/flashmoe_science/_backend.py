@@ -57,3 +57,16 @@ def direct_launch_ok(*tensors: torch.Tensor) -> bool:
         if type(t) is not torch.Tensor or (grad and t.requires_grad):
             return False
     return True
+
+
+def direct_autograd_ok(*tensors: torch.Tensor) -> bool:
+    """True when an op may run its launchers under a plain ``torch.autograd.Function`` instead
+    of its custom op: eager (nothing compiling, no dispatch or function modes, no functorch
+    transform), plain tensors. Gradients may be wanted. In an eager training step the custom
+    ops' dispatch (forward and backward) cost ~250 us of host time per attention call on the
+    H100 machine, more than a short-sequence step takes on the GPU (docs/attention_bwd.md)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(t) is torch.Tensor for t in tensors)

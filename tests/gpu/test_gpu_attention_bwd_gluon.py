@@ -167,3 +167,34 @@ def test_grads_keep_input_strides(causal, monkeypatch):
     for g, t in zip(grads, (q, k, v)):
         assert g.stride() == torch.empty_like(t).stride() == t.stride()
     check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd_view"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_replay_of_recorded_kernels(causal, layout, monkeypatch):
+    """The first call records the preprocess and the Gluon kernel; later calls with the same
+    metadata replay them (new tensors, another scale), NaN-poisoned scratch and outputs each
+    time; a different stride pattern records its own entry."""
+    launch_bwd_gluon._REPLAYS.clear()
+    records = []
+    real_record = launch_bwd_gluon._record_bwd
+    for i, scale in enumerate((0.09, 0.11, 0.13)):
+        if layout == "bhsd":
+            q = torch.randn(2, 8, 300, 128, dtype=torch.bfloat16, device="cuda")
+            k = torch.randn(2, 2, 517, 128, dtype=torch.bfloat16, device="cuda")
+        else:
+            q = torch.randn(2, 300, 8, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+            k = torch.randn(2, 517, 2, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+        v = torch.randn_like(k)
+        out, lse = reference.attention_ref(q, k, v, causal, scale)
+        do = torch.randn_like(q)
+        poison_allocations(monkeypatch)
+        monkeypatch.setattr(launch_bwd_gluon, "_record_bwd", lambda *a: records.append(i) or real_record(*a))
+        grads = launch_bwd_gluon.attention_bwd_gluon(do, q, k, v, out, lse, causal, scale)
+        torch.cuda.synchronize()
+        monkeypatch.undo()
+        for g, t in zip(grads, (q, k, v)):
+            assert g.stride() == torch.empty_like(t).stride()
+        check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
+    assert records == [0] and len(launch_bwd_gluon._REPLAYS) == 1
+

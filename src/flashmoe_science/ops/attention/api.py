@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from ..._backend import direct_launch_ok, select_backend
+from ..._backend import direct_autograd_ok, direct_launch_ok, select_backend
 from ..._validation import (
     check_flag,
     check_float,
@@ -90,6 +90,13 @@ def _direct_key(q, k, v, causal, softmax_scale) -> tuple | None:
     )  # fmt: skip
 
 
+def _remember(key: tuple | None, scale: float) -> None:
+    if key is not None:  # None while compiling
+        if len(_DIRECT) >= _MAX_DIRECT:
+            _DIRECT.clear()
+        _DIRECT[key] = scale
+
+
 def flash_attention_science(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,11 +132,15 @@ def flash_attention_science(
     # Metadata validated by an earlier eager call that went straight to the launcher.
     key = None if torch.compiler.is_compiling() else _direct_key(q, k, v, causal, softmax_scale)
     scale = _DIRECT.get(key) if key is not None else None
-    if scale is not None and direct_launch_ok(q, k, v):
-        from . import launch
+    if scale is not None:
+        if direct_launch_ok(q, k, v):
+            from . import launch
 
-        out, lse = launch.attention_fwd(q, k, v, causal, scale)
-        return (out, lse) if return_lse else out
+            out, lse = launch.attention_fwd(q, k, v, causal, scale)
+            return (out, lse) if return_lse else out
+        if direct_autograd_ok(q, k, v):
+            out, lse = autograd.EagerAttention.apply(q, k, v, causal, scale)
+            return (out, lse) if return_lse else out
     _check_common(q, k, v, ndim=4)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise ValueError(
@@ -157,10 +168,13 @@ def flash_attention_science(
             from . import launch
 
             out, lse = launch.attention_fwd(q, k, v, causal, scale)
-            if key is not None:  # computed at the top; None while compiling
-                if len(_DIRECT) >= _MAX_DIRECT:
-                    _DIRECT.clear()
-                _DIRECT[key] = scale
+            _remember(key, scale)
+            return (out, lse) if return_lse else out
+        if direct_autograd_ok(q, k, v):
+            # Eager training: the same launchers under a plain autograd.Function (the custom
+            # ops' dispatch costs host time a short-sequence step does not have).
+            out, lse = autograd.EagerAttention.apply(q, k, v, causal, scale)
+            _remember(key, scale)
             return (out, lse) if return_lse else out
     out, lse = autograd.attention(q, k, v, causal, scale, use_kernel)
     return (out, lse) if return_lse else out

@@ -87,6 +87,34 @@ def attention(q, k, v, causal: bool, scale: float, use_kernel: bool):
     return attn_fwd(q, k, v, causal, scale, use_kernel)
 
 
+class EagerAttention(torch.autograd.Function):
+    """The kernel path of ``attn_fwd`` / ``attn_bwd`` for eager training, without the custom
+    ops' dispatch (host time: a short-sequence step is host-bound; docs/attention_bwd.md). Same
+    launchers, saved tensors and gradients; lse's gradient is ignored as in ``_attn_backward``.
+    The API takes it only where ``_backend.direct_autograd_ok`` holds: torch.compile and
+    dispatch modes see the custom ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float):
+        from . import launch
+
+        out, lse = launch.attention_fwd(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.set_materialize_grads(False)  # no zero-filled d_lse per step
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if d_out is None:  # only lse was used: zero gradients, as the custom op's zero d_out gives
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None
+        from . import launch_bwd
+
+        dq, dk, dv = launch_bwd.attention_bwd(d_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
 # ---------------------------------------------------------------- varlen
 @torch.library.custom_op(f"{_LIB}::attn_varlen_fwd", mutates_args=())
 def attn_varlen_fwd(
