@@ -9,6 +9,7 @@ NaN-poisoned allocations, so a row the preprocess or a tile the kernel never wri
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -189,7 +190,8 @@ def test_replay_of_recorded_kernels(causal, layout, monkeypatch):
         out, lse = reference.attention_ref(q, k, v, causal, scale)
         do = torch.randn_like(q)
         poison_allocations(monkeypatch)
-        monkeypatch.setattr(launch_bwd_gluon, "_record_bwd", lambda *a: records.append(i) or real_record(*a))
+        spy = functools.partial(lambda i, *a: records.append(i) or real_record(*a), i)
+        monkeypatch.setattr(launch_bwd_gluon, "_record_bwd", spy)
         grads = launch_bwd_gluon.attention_bwd_gluon(do, q, k, v, out, lse, causal, scale)
         torch.cuda.synchronize()
         monkeypatch.undo()
@@ -197,4 +199,3 @@ def test_replay_of_recorded_kernels(causal, layout, monkeypatch):
             assert g.stride() == torch.empty_like(t).stride()
         check_grads(grads, *reference_grads(q, k, v, do, causal, scale, reference.attention_ref))
     assert records == [0] and len(launch_bwd_gluon._REPLAYS) == 1
-
