@@ -119,9 +119,9 @@ def head_chunk(causal: bool, num_n: int, num_bh: int, d_pad: int, device: torch.
     (docs/attention_bwd.md, session 10; bf16, 16k tokens, interleaved rounds, at the power
     cap): D128 causal 2k / 4k / 8k 1.03 / 1.05 / 1.05x head by head, GQA 32:8 4k 1.10x,
     32:4 8k 1.08x, 16k 1.00x; chunks of two waves or more gave less and a chunk of every head
-    0.56-0.97x (the concurrent programs then span many heads' Q/dO in L2). D64 causal 4k:
-    0.995-0.997x for every chunk size: head by head there. Full attention: every program has
-    the same work, head by head."""
+    0.56-0.98x (the concurrent programs then span many heads' Q/dO in L2). D64 causal 4k:
+    0.995-1.011x over two runs, no gain to rely on: head by head there. Full attention: every
+    program has the same work, head by head."""
     if not causal or d_pad != 128:
         return 1
     chunk = 1 << max(0, (launch_gluon._num_sms(device) // num_n).bit_length() - 1)
