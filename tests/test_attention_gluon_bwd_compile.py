@@ -43,7 +43,8 @@ _SCRIPT = SM90_DRIVER + textwrap.dedent(
             L._row_descriptor(lse2, bm),
             2, 2, 1000, 777, 0.1, 0.1, 3,
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers, CAUSAL=causal,
-            CONSUMER_REGS=regs, A_REGS=L.A_REGS[d], num_warps=4, maxnreg=maxnreg, grid=(1,),
+            CONSUMER_REGS=regs, A_REGS=L.A_REGS[d], DQ_LAG=L.dq_lag(causal, d), num_warps=4, maxnreg=maxnreg,
+            grid=(1,),
         )
         assert k.asm["cubin"], "no cubin"
         assert k.metadata.shared <= 227 * 1024, k.metadata.shared

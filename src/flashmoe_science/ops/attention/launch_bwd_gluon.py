@@ -108,6 +108,16 @@ def _row_descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows], layout)
 
 
+def dq_lag(causal: bool, d_pad: int) -> bool:
+    """Whether consumers compute a tile's dQ one tile later (kernel ``DQ_LAG``): by then every
+    consumer's dS^T of that tile is written, so the wait for it rarely blocks and the two
+    consumers run less in lockstep. H100, bf16, 16k tokens, one process, 30 interleaved rounds
+    (docs/attention_bwd.md, session 10): D128 full 2k / 4k / 8k / 16k 1.011 / 1.012 / 1.013 /
+    1.034x, D64 full / causal 1.047 / 1.012x; D128 causal 0.985-0.998x (ptxas spills 196 bytes
+    there against 72): D128 causal keeps the dQ of the tile it is on."""
+    return not causal or d_pad == 64
+
+
 def head_chunk(causal: bool, num_n: int, num_bh: int, d_pad: int, device: torch.device) -> int:
     """(batch, KV head) pairs per chunk of programs (kernel ``_program``).
 
@@ -190,6 +200,7 @@ def attention_bwd_gluon(
         H_KV=h_kv, GROUP=h // h_kv, seqlen_q=s_q, seqlen_k=s_k, qk_scale=scale * _LOG2E, scale=scale,
         HEAD_CHUNK=chunk, HEAD_DIM=d_pad, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages,
         NUM_CONSUMERS=consumers, CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, A_REGS=A_REGS[d_pad],
+        DQ_LAG=dq_lag(causal, d_pad),
     )  # fmt: skip
     compiled = bwd_gluon.attn_bwd_gluon_kernel[grid](**params, num_warps=4, maxnreg=maxnreg)
     if key is not None:

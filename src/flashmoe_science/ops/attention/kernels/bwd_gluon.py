@@ -26,7 +26,8 @@ One program per (KV block of ``NUM_CONSUMERS * BLOCK_N`` key rows, batch, KV hea
         dK  += dS^T Q                    (wgmma, dS^T from shared memory, or registers: A_REGS)
         dQ[:, cols of C] = sum over the program's consumers c' of dS_c' K_c'[:, cols of C]
     With ``A_REGS`` (D64) K and V are also A operands from registers, loaded once per program.
-    The three products after dS^T are issued back to back. Every consumer needs every
+    The three products after dS^T are issued back to back (with ``DQ_LAG``, full attention and
+    D64, the dQ product is the previous tile's: its dS^T slots are complete by then). Every consumer needs every
     consumer's dS^T for its dQ columns (D / NUM_CONSUMERS of them): the dS^T slots are
     double-buffered by tile parity with ``ds_full`` / ``ds_empty`` mbarriers. A consumer's dQ
     tile (float32) is staged in shared memory and added into a zeroed float32 (B, H, S_q, D)
@@ -144,11 +145,26 @@ def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_
 
 
 @gluon.jit
+def _dq_mma(ds_smem, k_smem, buf, dq_zero, C: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            DQ_COLS: gl.constexpr, NUM_CONSUMERS: gl.constexpr):  # fmt: skip
+    """dQ[:, C * DQ_COLS:] of one query tile = sum over the program's key slices c2 of dS_c2 K_c2
+    (dS^T slots ``buf``; async, returns the token)."""
+    dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS).permute((1, 0)),
+                           k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
+                           dq_zero, use_acc=False, is_async=True)  # fmt: skip
+    for c2 in gl.static_range(1, NUM_CONSUMERS):
+        dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS + c2).permute((1, 0)),
+                               k_smem.index(c2).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
+                               dq_tok, is_async=True)  # fmt: skip
+    return dq_tok
+
+
+@gluon.jit
 def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
               kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-              CAUSAL: gl.constexpr, A_REGS: gl.constexpr):  # fmt: skip
+              CAUSAL: gl.constexpr, A_REGS: gl.constexpr, DQ_LAG: gl.constexpr):  # fmt: skip
     """One warpgroup: key rows [kn0, kn0 + BLOCK_N), kn0 = n0 + C * BLOCK_N; dQ columns
     [C * DQ_COLS, (C + 1) * DQ_COLS) of every query tile, over all of the program's keys."""
     dtype: gl.constexpr = dk_desc.dtype
@@ -198,6 +214,8 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
     else:
         k_op = k
         v_op = v
+    prev_h = off_hk * GROUP
+    prev_m0 = n0 * 0
     for it in range(GROUP * n_mb):
         off_h = off_hk * GROUP + it // n_mb
         mb = mb_lo + (it % n_mb + rot) % n_mb
@@ -238,25 +256,60 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         else:
             ds_op = ds_tile
         dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
-        if NUM_CONSUMERS > 1:
-            mbarrier.wait(ds_full.index(buf), bph)
-        # dQ[:, C * DQ_COLS:] = sum over the program's key slices of dS K.
-        dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS).permute((1, 0)),
-                               k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
-                               dq_zero, use_acc=False, is_async=True)  # fmt: skip
-        for c2 in gl.static_range(1, NUM_CONSUMERS):
-            dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS + c2).permute((1, 0)),
-                                   k_smem.index(c2).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
-                                   dq_tok, is_async=True)  # fmt: skip
-        dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
-        mbarrier.arrive(empty.index(s), count=1)
-        if NUM_CONSUMERS > 1:
-            mbarrier.arrive(ds_empty.index(buf), count=1)
-        # The previous tile's reduction must have read dq_tile before it is overwritten.
-        tma.store_wait(0)
-        dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
-        fence_async_shared()
-        _tma_reduce_add(dq_desc, [off_b, off_h, m0, C * DQ_COLS], dq_tile)
+        if DQ_LAG:
+            if it > 0:
+                # dQ of the previous tile, a tile behind: every consumer's dS^T of it was
+                # written while this consumer worked on this tile, so the ds_full wait rarely
+                # blocks and the consumers run less in lockstep.
+                pit = it - 1
+                pbuf = pit % 2
+                if NUM_CONSUMERS > 1:
+                    mbarrier.wait(ds_full.index(pbuf), (pit // 2) & 1)
+                dq_tok = _dq_mma(ds_smem, k_smem, pbuf, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS)
+                dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
+                mbarrier.arrive(empty.index(s), count=1)
+                if NUM_CONSUMERS > 1:
+                    mbarrier.arrive(ds_empty.index(pbuf), count=1)
+                # The reduction before must have read dq_tile before it is overwritten.
+                tma.store_wait(0)
+                dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
+                fence_async_shared()
+                _tma_reduce_add(dq_desc, [off_b, prev_h, prev_m0, C * DQ_COLS], dq_tile)
+            else:
+                dv, p_op, dk, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op))
+                mbarrier.arrive(empty.index(s), count=1)
+            prev_h = off_h
+            prev_m0 = m0
+        else:
+            if NUM_CONSUMERS > 1:
+                mbarrier.wait(ds_full.index(buf), bph)
+            dq_tok = _dq_mma(ds_smem, k_smem, buf, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS)
+            dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
+            mbarrier.arrive(empty.index(s), count=1)
+            if NUM_CONSUMERS > 1:
+                mbarrier.arrive(ds_empty.index(buf), count=1)
+            # The previous tile's reduction must have read dq_tile before it is overwritten.
+            tma.store_wait(0)
+            dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
+            fence_async_shared()
+            _tma_reduce_add(dq_desc, [off_b, off_h, m0, C * DQ_COLS], dq_tile)
+
+    if DQ_LAG:
+        # dQ of the last tile.
+        n_it = GROUP * n_mb
+        if n_it > 0:
+            pit = n_it - 1
+            pbuf = pit % 2
+            if NUM_CONSUMERS > 1:
+                mbarrier.wait(ds_full.index(pbuf), (pit // 2) & 1)
+            dq_tok = _dq_mma(ds_smem, k_smem, pbuf, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS)
+            dq = warpgroup_mma_wait(0, deps=(dq_tok,))
+            if NUM_CONSUMERS > 1:
+                mbarrier.arrive(ds_empty.index(pbuf), count=1)
+            tma.store_wait(0)
+            dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
+            fence_async_shared()
+            _tma_reduce_add(dq_desc, [off_b, prev_h, prev_m0, C * DQ_COLS], dq_tile)
 
     # Epilogue: dK and dV through the consumer's own K / V buffers. Every consumer's
     # last dQ MMA read them: wait until all have passed the last tile.
@@ -277,11 +330,11 @@ def _consumer0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_sm
                do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
-               A_REGS: gl.constexpr):  # fmt: skip
+               A_REGS: gl.constexpr, DQ_LAG: gl.constexpr):  # fmt: skip
     _consumer(0, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
               q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-              CAUSAL, A_REGS)  # fmt: skip
+              CAUSAL, A_REGS, DQ_LAG)  # fmt: skip
 
 
 @gluon.jit
@@ -289,11 +342,11 @@ def _consumer1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_sm
                do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
-               A_REGS: gl.constexpr):  # fmt: skip
+               A_REGS: gl.constexpr, DQ_LAG: gl.constexpr):  # fmt: skip
     _consumer(1, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
               q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-              CAUSAL, A_REGS)  # fmt: skip
+              CAUSAL, A_REGS, DQ_LAG)  # fmt: skip
 
 
 @gluon.jit
@@ -302,6 +355,7 @@ def attn_bwd_gluon_kernel(
     H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, HEAD_CHUNK,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, A_REGS: gl.constexpr = False,
+    DQ_LAG: gl.constexpr = False,
 ):  # fmt: skip
     """Grid: (cdiv(S_k, NUM_CONSUMERS * BLOCK_N) * B * H_kv,). Launch with num_warps=4
     (consumer 0; the other consumer and the producer warp are worker partitions).
@@ -352,11 +406,11 @@ def attn_bwd_gluon_kernel(
                 (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
                               kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
-                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS)),
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS, DQ_LAG)),
                 (_consumer1, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
                               kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
-                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS)),
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS, DQ_LAG)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
                              v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, HEAD_CHUNK, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
@@ -370,7 +424,7 @@ def attn_bwd_gluon_kernel(
                 (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
                               kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
-                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS)),
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS, DQ_LAG)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
                              v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, HEAD_CHUNK, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
