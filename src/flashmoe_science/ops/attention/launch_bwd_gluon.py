@@ -223,8 +223,9 @@ def _cast_dq(dq_acc: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 # Replays (``ops._replay``): a training step at short sequences is host-bound, and Triton's launch
-# path (argument specialisation, host descriptor objects) was 330 of the backward's ~440 us of
-# host time on the H100 machine (docs/attention_bwd.md, session 10). Keyed by everything the two
+# path (argument specialisation, host descriptor objects) was ~300 of the launcher's ~420 us of
+# host time on the H100 machine; replayed, the launcher takes ~115 us (docs/attention_bwd.md,
+# session 10). Keyed by everything the two
 # compiled kernels and their fixed arguments depend on: the inputs' shapes, strides and dtypes
 # (-> B, H, H_kv, S_q, S_k, D, descriptor shapes and strides, the config and the chunk), device
 # and mask. Per call only the tensors and the scale change; inputs must be 16-byte aligned (TMA,
