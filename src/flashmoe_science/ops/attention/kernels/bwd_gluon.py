@@ -145,10 +145,13 @@ def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_
 
 
 @gluon.jit
-def _dq_mma(ds_smem, k_smem, buf, dq_zero, C: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-            DQ_COLS: gl.constexpr, NUM_CONSUMERS: gl.constexpr):  # fmt: skip
-    """dQ[:, C * DQ_COLS:] of one query tile = sum over the program's key slices c2 of dS_c2 K_c2
-    (dS^T slots ``buf``; async, returns the token)."""
+def _dq_mma(ds_smem, k_smem, ds_full, buf, phase, dq_zero, C: gl.constexpr, BLOCK_N: gl.constexpr,
+            HEAD_DIM: gl.constexpr, DQ_COLS: gl.constexpr, NUM_CONSUMERS: gl.constexpr):  # fmt: skip
+    """dQ[:, C * DQ_COLS:] of one query tile = sum over the program's key slices c2 of dS_c2 K_c2,
+    once every consumer has written its dS^T of the tile (slots ``buf``, ``ds_full[buf]`` phase
+    ``phase``). Async: returns the token."""
+    if NUM_CONSUMERS > 1:
+        mbarrier.wait(ds_full.index(buf), phase)
     dq_tok = warpgroup_mma(ds_smem.index(buf * NUM_CONSUMERS).permute((1, 0)),
                            k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
                            dq_zero, use_acc=False, is_async=True)  # fmt: skip
@@ -157,6 +160,17 @@ def _dq_mma(ds_smem, k_smem, buf, dq_zero, C: gl.constexpr, BLOCK_N: gl.constexp
                                k_smem.index(c2).reshape([BLOCK_N, HEAD_DIM]).slice(C * DQ_COLS, DQ_COLS, dim=1),
                                dq_tok, is_async=True)  # fmt: skip
     return dq_tok
+
+
+@gluon.jit
+def _dq_reduce(dq_desc, dq_tile, dq, off_b, off_h, m0, C: gl.constexpr, BLOCK_M: gl.constexpr,
+               DQ_COLS: gl.constexpr):  # fmt: skip
+    """Stage a consumer's float32 dQ columns of one query tile and add them into the dQ buffer
+    by TMA reduction. The previous reduction must have read the staging tile first."""
+    tma.store_wait(0)
+    dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
+    fence_async_shared()
+    _tma_reduce_add(dq_desc, [off_b, off_h, m0, C * DQ_COLS], dq_tile)
 
 
 @gluon.jit
@@ -263,36 +277,27 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
                 # blocks and the consumers run less in lockstep.
                 pit = it - 1
                 pbuf = pit % 2
-                if NUM_CONSUMERS > 1:
-                    mbarrier.wait(ds_full.index(pbuf), (pit // 2) & 1)
-                dq_tok = _dq_mma(ds_smem, k_smem, pbuf, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS)
+                dq_tok = _dq_mma(ds_smem, k_smem, ds_full, pbuf, (pit // 2) & 1, dq_zero, C, BLOCK_N, HEAD_DIM,
+                                 DQ_COLS, NUM_CONSUMERS)  # fmt: skip
                 dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
                 mbarrier.arrive(empty.index(s), count=1)
                 if NUM_CONSUMERS > 1:
                     mbarrier.arrive(ds_empty.index(pbuf), count=1)
-                # The reduction before must have read dq_tile before it is overwritten.
-                tma.store_wait(0)
-                dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
-                fence_async_shared()
-                _tma_reduce_add(dq_desc, [off_b, prev_h, prev_m0, C * DQ_COLS], dq_tile)
+                _dq_reduce(dq_desc, dq_tile, dq, off_b, prev_h, prev_m0, C, BLOCK_M, DQ_COLS)
             else:
                 dv, p_op, dk, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op))
                 mbarrier.arrive(empty.index(s), count=1)
             prev_h = off_h
             prev_m0 = m0
         else:
-            if NUM_CONSUMERS > 1:
-                mbarrier.wait(ds_full.index(buf), bph)
-            dq_tok = _dq_mma(ds_smem, k_smem, buf, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS)
+            dq_tok = _dq_mma(
+                ds_smem, k_smem, ds_full, buf, bph, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS
+            )
             dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
             mbarrier.arrive(empty.index(s), count=1)
             if NUM_CONSUMERS > 1:
                 mbarrier.arrive(ds_empty.index(buf), count=1)
-            # The previous tile's reduction must have read dq_tile before it is overwritten.
-            tma.store_wait(0)
-            dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
-            fence_async_shared()
-            _tma_reduce_add(dq_desc, [off_b, off_h, m0, C * DQ_COLS], dq_tile)
+            _dq_reduce(dq_desc, dq_tile, dq, off_b, off_h, m0, C, BLOCK_M, DQ_COLS)
 
     if DQ_LAG:
         # dQ of the last tile.
@@ -300,16 +305,12 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         if n_it > 0:
             pit = n_it - 1
             pbuf = pit % 2
-            if NUM_CONSUMERS > 1:
-                mbarrier.wait(ds_full.index(pbuf), (pit // 2) & 1)
-            dq_tok = _dq_mma(ds_smem, k_smem, pbuf, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS)
+            dq_tok = _dq_mma(ds_smem, k_smem, ds_full, pbuf, (pit // 2) & 1, dq_zero, C, BLOCK_N, HEAD_DIM,
+                             DQ_COLS, NUM_CONSUMERS)  # fmt: skip
             dq = warpgroup_mma_wait(0, deps=(dq_tok,))
             if NUM_CONSUMERS > 1:
                 mbarrier.arrive(ds_empty.index(pbuf), count=1)
-            tma.store_wait(0)
-            dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
-            fence_async_shared()
-            _tma_reduce_add(dq_desc, [off_b, prev_h, prev_m0, C * DQ_COLS], dq_tile)
+            _dq_reduce(dq_desc, dq_tile, dq, off_b, prev_h, prev_m0, C, BLOCK_M, DQ_COLS)
 
     # Epilogue: dK and dV through the consumer's own K / V buffers. Every consumer's
     # last dQ MMA read them: wait until all have passed the last tile.
