@@ -267,10 +267,10 @@ def _record_bwd(key, q, do, out, lse, pre, pre_grid, pre_params, compiled, grid,
     names = list(bwd_gluon.attn_bwd_gluon_kernel.arg_names)
     if set(pre_names) != set(pre_params) or set(names) != set(params):
         return
-    # Templates keep no tensor of this call alive: the per-call slots are filled by _replay_bwd.
-    pre_tail = tuple(pre_params[n] for n in pre_names[len(_PRE_SLOTS) :])
     if pre_names[: len(_PRE_SLOTS)] != list(_PRE_SLOTS):
         return
+    # Templates keep no tensor of this call alive: the per-call slots are filled by _replay_bwd.
+    pre_tail = tuple(pre_params[n] for n in pre_names[len(_PRE_SLOTS) :])
     slots = tuple(names.index(n) for n in (*_DESC_SLOTS, "qk_scale", "scale"))
     template = [None if i in slots else params[n] for i, n in enumerate(names)]
     descs = tuple((params[n].shape, params[n].strides) for n in _DESC_SLOTS)
