@@ -37,7 +37,8 @@ _PRE_BLOCK_M = 64
 # ``CANDIDATE_CONFIGS`` are what the benchmark's check phase runs and times (the compile test builds
 # every one). ``SPILL_BYTES``: ptxas's spill stores allowed per config (the offline sm_90 compile):
 # at D128 two consumers hold dK + dV (128 of 240 registers) and a few loop-invariant scalars go to
-# the stack (reloaded from L1 a handful of times per tile), not accumulators.
+# the stack (reloaded from L1 a handful of times per tile), not accumulators: 116 bytes full
+# attention (ping-pong), 124 causal (dK's dS^T from registers; 48 / 72 from shared memory).
 _Cfg = tuple[int, int, int, int]
 DEFAULT_CONFIG: dict[int, _Cfg] = {64: (64, 64, 2, 2), 128: (64, 64, 2, 2)}
 CANDIDATE_CONFIGS: dict[int, tuple[_Cfg, ...]] = {
@@ -45,10 +46,9 @@ CANDIDATE_CONFIGS: dict[int, tuple[_Cfg, ...]] = {
     128: ((64, 64, 2, 2), (64, 64, 2, 1)),
 }
 SPILL_BYTES: dict[tuple[int, _Cfg], int] = {(128, (64, 64, 2, 2)): 128}
-# A operands from registers: K of S^T = K Q^T and V of dP^T = V dO^T (loaded once per program) and
-# dS^T of dK = dS^T Q (from the registers that computed it; the dQ MMAs still read it from shared
-# memory). D64: 1.07-1.09x the shared-memory version on an H100 (docs/attention_bwd.md). D128: K/V in
-# registers spill 468-596 bytes (ptxas), dS^T alone measured 0.95-0.99x in 5 of 6 cases: off.
+# A operands from registers: K of S^T = K Q^T and V of dP^T = V dO^T (loaded once per program).
+# D64: 1.07-1.09x the shared-memory version on an H100 (docs/attention_bwd.md). D128: K/V in
+# registers spill 468-596 bytes (ptxas): off. (dK's dS^T comes from registers at every head dim.)
 A_REGS: dict[int, bool] = {64: True, 128: False}
 # maxnreg at launch (64K registers / SM over 4 + 4 + 1(4) warps) and each consumer's setmaxnreg.
 _REGS = {2: (168, 240), 1: (255, 255)}
@@ -116,6 +116,16 @@ def dq_lag(causal: bool, d_pad: int) -> bool:
     1.034x, D64 full / causal 1.047 / 1.012x; D128 causal 0.985-0.998x (ptxas spills 196 bytes
     there against 72): D128 causal keeps the dQ of the tile it is on."""
     return not causal or d_pad == 64
+
+
+def pingpong(causal: bool, d_pad: int) -> bool:
+    """Whether the two consumers take turns issuing their MMAs (kernel ``PINGPONG``): each tile's
+    S^T / dP^T products, then its dV / dK / dQ products, consumer 0 first, so one consumer's
+    exponentials and dS run while the other's products hold the tensor cores. H100, bf16,
+    16k tokens, one process, 20 interleaved rounds (docs/attention_bwd.md, session 11): D128
+    full 2k / 8k / 16k 1.035 / 1.051 / 1.075x; D128 causal 0.95-0.99x (there a consumer holding
+    its turn waits for the other's dS^T of the same tile): full attention at D128 only."""
+    return not causal and d_pad == 128
 
 
 def head_chunk(causal: bool, num_n: int, num_bh: int, d_pad: int, device: torch.device) -> int:
@@ -200,7 +210,7 @@ def attention_bwd_gluon(
         H_KV=h_kv, GROUP=h // h_kv, seqlen_q=s_q, seqlen_k=s_k, qk_scale=scale * _LOG2E, scale=scale,
         HEAD_CHUNK=chunk, HEAD_DIM=d_pad, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages,
         NUM_CONSUMERS=consumers, CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, A_REGS=A_REGS[d_pad],
-        DQ_LAG=dq_lag(causal, d_pad),
+        DQ_LAG=dq_lag(causal, d_pad), PINGPONG=pingpong(causal, d_pad) and consumers == 2,
     )  # fmt: skip
     compiled = bwd_gluon.attn_bwd_gluon_kernel[grid](**params, num_warps=4, maxnreg=maxnreg)
     if key is not None:

@@ -23,11 +23,15 @@ One program per (KV block of ``NUM_CONSUMERS * BLOCK_N`` key rows, batch, KV hea
         P^T  = exp2(S^T * scale * log2 e - lse2)   lse2 = lse * log2 e (+inf: no key / pad)
         dS^T = scale * P^T * (dP^T - delta)         -> shared memory (bf16/fp16)
         dV  += P^T dO                    (wgmma, P^T from registers)
-        dK  += dS^T Q                    (wgmma, dS^T from shared memory, or registers: A_REGS)
+        dK  += dS^T Q                    (wgmma, dS^T from the registers that computed it)
         dQ[:, cols of C] = sum over the program's consumers c' of dS_c' K_c'[:, cols of C]
     With ``A_REGS`` (D64) K and V are also A operands from registers, loaded once per program.
     The three products after dS^T are issued back to back (with ``DQ_LAG``, full attention and
-    D64, the dQ product is the previous tile's: its dS^T slots are complete by then). Every consumer needs every
+    D64, the dQ product is the previous tile's: its dS^T slots are complete by then). With
+    ``PINGPONG`` (D128 full attention) the consumers take turns issuing their products through
+    ``turn`` mbarriers (S^T and dP^T of a tile, then dV, dK and dQ; consumer 0 first), so one
+    consumer's exponentials and dS^T run while the other's products hold the tensor cores (FA3's
+    forward ping-pong, applied to the backward). Every consumer needs every
     consumer's dS^T for its dQ columns (D / NUM_CONSUMERS of them): the dS^T slots are
     double-buffered by tile parity with ``ds_full`` / ``ds_empty`` mbarriers. A consumer's dQ
     tile (float32) is staged in shared memory and added into a zeroed float32 (B, H, S_q, D)
@@ -174,11 +178,26 @@ def _dq_reduce(dq_desc, dq_tile, dq, off_b, off_h, m0, C: gl.constexpr, BLOCK_M:
 
 
 @gluon.jit
+def _turn_wait(turn, t, C: gl.constexpr, PINGPONG: gl.constexpr):
+    # Turn t of consumer C (two per tile): wait for the other consumer's pass. Consumer 0's first
+    # wait passes on the fresh barrier.
+    if PINGPONG:
+        mbarrier.wait(turn.index(C), (t & 1) ^ (1 if C == 0 else 0))
+
+
+@gluon.jit
+def _turn_pass(turn, C: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn.index((C + 1) % NUM_CONSUMERS), count=1)
+
+
+@gluon.jit
 def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
-              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
+              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, turn, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-              CAUSAL: gl.constexpr, A_REGS: gl.constexpr, DQ_LAG: gl.constexpr):  # fmt: skip
+              CAUSAL: gl.constexpr, A_REGS: gl.constexpr, DQ_LAG: gl.constexpr,
+              PINGPONG: gl.constexpr):  # fmt: skip
     """One warpgroup: key rows [kn0, kn0 + BLOCK_N), kn0 = n0 + C * BLOCK_N; dQ columns
     [C * DQ_COLS, (C + 1) * DQ_COLS) of every query tile, over all of the program's keys."""
     dtype: gl.constexpr = dk_desc.dtype
@@ -241,10 +260,12 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         mbarrier.wait(q_ready.index(s), ph)
         q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
+        _turn_wait(turn, 2 * it, C, PINGPONG)
         st_tok = warpgroup_mma(k_op, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         lse2 = lse_smem.index(s).reshape([BLOCK_M]).load(qry_layout)
         mbarrier.wait(do_ready.index(s), ph)
         dpt_tok = warpgroup_mma(v_op, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
         st = warpgroup_mma_wait(1, deps=(st_tok,))
         pt = gl.exp2(st * qk_scale - lse2[None, :])
         if tail | (mb < mb_free):
@@ -264,11 +285,9 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         fence_async_shared()
         if NUM_CONSUMERS > 1:
             mbarrier.arrive(ds_full.index(buf), count=1)
+        _turn_wait(turn, 2 * it + 1, C, PINGPONG)
         dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
-        if A_REGS:
-            ds_op = gl.convert_layout(ds, a_layout)
-        else:
-            ds_op = ds_tile
+        ds_op = gl.convert_layout(ds, a_layout)
         dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
         if DQ_LAG:
             if it > 0:
@@ -279,12 +298,14 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
                 pbuf = pit % 2
                 dq_tok = _dq_mma(ds_smem, k_smem, ds_full, pbuf, (pit // 2) & 1, dq_zero, C, BLOCK_N, HEAD_DIM,
                                  DQ_COLS, NUM_CONSUMERS)  # fmt: skip
+                _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
                 dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
                 mbarrier.arrive(empty.index(s), count=1)
                 if NUM_CONSUMERS > 1:
                     mbarrier.arrive(ds_empty.index(pbuf), count=1)
                 _dq_reduce(dq_desc, dq_tile, dq, off_b, prev_h, prev_m0, C, BLOCK_M, DQ_COLS)
             else:
+                _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
                 dv, p_op, dk, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op))
                 mbarrier.arrive(empty.index(s), count=1)
             prev_h = off_h
@@ -293,6 +314,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
             dq_tok = _dq_mma(
                 ds_smem, k_smem, ds_full, buf, bph, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS
             )
+            _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
             dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
             mbarrier.arrive(empty.index(s), count=1)
             if NUM_CONSUMERS > 1:
@@ -328,26 +350,26 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
 
 @gluon.jit
 def _consumer0(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready, q_ready,
-               do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP, seqlen_q,
+               do_ready, empty, ds_full, ds_empty, turn, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
-               A_REGS: gl.constexpr, DQ_LAG: gl.constexpr):  # fmt: skip
+               A_REGS: gl.constexpr, DQ_LAG: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
     _consumer(0, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
-              q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
+              q_ready, do_ready, empty, ds_full, ds_empty, turn, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-              CAUSAL, A_REGS, DQ_LAG)  # fmt: skip
+              CAUSAL, A_REGS, DQ_LAG, PINGPONG)  # fmt: skip
 
 
 @gluon.jit
 def _consumer1(dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready, q_ready,
-               do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP, seqlen_q,
+               do_ready, empty, ds_full, ds_empty, turn, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP, seqlen_q,
                seqlen_k, qk_scale, scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                NUM_STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
-               A_REGS: gl.constexpr, DQ_LAG: gl.constexpr):  # fmt: skip
+               A_REGS: gl.constexpr, DQ_LAG: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
     _consumer(1, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_ready,
-              q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
+              q_ready, do_ready, empty, ds_full, ds_empty, turn, lse_smem, delta_smem, H_KV, HEAD_CHUNK, GROUP,
               seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, NUM_CONSUMERS,
-              CAUSAL, A_REGS, DQ_LAG)  # fmt: skip
+              CAUSAL, A_REGS, DQ_LAG, PINGPONG)  # fmt: skip
 
 
 @gluon.jit
@@ -356,7 +378,7 @@ def attn_bwd_gluon_kernel(
     H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, HEAD_CHUNK,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, A_REGS: gl.constexpr = False,
-    DQ_LAG: gl.constexpr = False,
+    DQ_LAG: gl.constexpr = False, PINGPONG: gl.constexpr = False,
 ):  # fmt: skip
     """Grid: (cdiv(S_k, NUM_CONSUMERS * BLOCK_N) * B * H_kv,). Launch with num_warps=4
     (consumer 0; the other consumer and the producer warp are worker partitions).
@@ -367,6 +389,7 @@ def attn_bwd_gluon_kernel(
     gl.static_assert(BLOCK_M == 64 or BLOCK_M == 128)
     gl.static_assert(NUM_CONSUMERS == 1 or NUM_CONSUMERS == 2)
     gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
+    gl.static_assert(not PINGPONG or NUM_CONSUMERS == 2)
 
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
@@ -390,6 +413,9 @@ def attn_bwd_gluon_kernel(
     empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_CONSUMERS):
+        mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(NUM_CONSUMERS):
         mbarrier.init(kv_ready.index(i), count=1)
     for i in gl.static_range(2):
@@ -405,13 +431,13 @@ def attn_bwd_gluon_kernel(
         gl.warp_specialize(
             [
                 (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
-                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
+                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, turn, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
-                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS, DQ_LAG)),
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS, DQ_LAG, PINGPONG)),
                 (_consumer1, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
-                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
+                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, turn, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
-                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS, DQ_LAG)),
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS, DQ_LAG, PINGPONG)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
                              v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, HEAD_CHUNK, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
@@ -423,9 +449,9 @@ def attn_bwd_gluon_kernel(
         gl.warp_specialize(
             [
                 (_consumer0, (dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem,
-                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
+                              kv_ready, q_ready, do_ready, empty, ds_full, ds_empty, turn, lse_smem, delta_smem, H_KV, HEAD_CHUNK,
                                GROUP, seqlen_q, seqlen_k, qk_scale, scale, BLOCK_M, BLOCK_N,
-                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS, DQ_LAG)),
+                              HEAD_DIM, NUM_STAGES, NUM_CONSUMERS, CAUSAL, A_REGS, DQ_LAG, PINGPONG)),
                 (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
                              v_smem, lse_smem, delta_smem, kv_ready, q_ready, do_ready, empty, H_KV, HEAD_CHUNK, GROUP, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, NUM_STAGES,
                              NUM_CONSUMERS, CAUSAL)),
