@@ -76,6 +76,7 @@ def sanitize() -> None:
     # (B, H, H_kv, S_q, S_k, D, causal, config, chunk); None: the launcher's choice.
     runs = [
         (1, 4, 2, 200, 131, 128, False, None, None),
+        (2, 4, 2, 300, 517, 128, False, None, None),  # full D128: ping-pong over 5 tiles x 2 heads
         (1, 4, 2, 131, 200, 128, True, None, None),
         (2, 4, 1, 257, 257, 128, True, None, 3),  # a chunk of 3 over 2 (batch, KV head) pairs
         (5, 2, 1, 300, 300, 128, True, None, 2),  # 5 pairs in chunks of 2: the last holds 1
@@ -83,6 +84,7 @@ def sanitize() -> None:
         (1, 4, 2, 77, 200, 64, True, None, None),
         (1, 4, 2, 200, 131, 64, True, (64, 64, 2, 1), None),  # one consumer
         (1, 4, 4, 131, 200, 96, True, None, None),  # D96 as 128
+        (1, 4, 4, 300, 131, 96, False, None, None),  # D96 full: ping-pong
     ]
     launches = 0
     for b, h, h_kv, s_q, s_k, d, causal, cfg, chunk in runs:
