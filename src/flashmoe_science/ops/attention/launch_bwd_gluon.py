@@ -119,12 +119,14 @@ def dq_lag(causal: bool, d_pad: int) -> bool:
 
 
 def pingpong(causal: bool, d_pad: int) -> bool:
-    """Whether the two consumers take turns issuing their MMAs (kernel ``PINGPONG``): each tile's
-    S^T / dP^T products, then its dV / dK / dQ products, consumer 0 first, so one consumer's
-    exponentials and dS run while the other's products hold the tensor cores. H100, bf16,
-    16k tokens, one process, 20 interleaved rounds (docs/attention_bwd.md, session 11): D128
-    full 2k / 8k / 16k 1.035 / 1.051 / 1.075x; D128 causal 0.95-0.99x (there a consumer holding
-    its turn waits for the other's dS^T of the same tile): full attention at D128 only."""
+    """Whether the two consumers take turns issuing each tile's S^T / dP^T products (kernel
+    ``PINGPONG``, consumer 0 first), so their exponentials and dS^T fall at different times and
+    one's run while the other's products hold the tensor cores. H100, bf16, 16k tokens, one
+    process, interleaved rounds (docs/attention_bwd.md, session 11): D128 full 2k / 4k / 8k /
+    16k 1.033 / 1.040 / 1.050 / 1.057x with turns on every product batch, and turns on the
+    S^T / dP^T batch only (shipped) 1.010 / - / 1.011 / 1.027x over that; D128 causal 0.92-0.97x
+    either way (the other consumer's dS^T of the same tile gates the dQ product), D64
+    0.93x: full attention at D128 only."""
     return not causal and d_pad == 128
 
 

@@ -28,10 +28,10 @@ One program per (KV block of ``NUM_CONSUMERS * BLOCK_N`` key rows, batch, KV hea
     With ``A_REGS`` (D64) K and V are also A operands from registers, loaded once per program.
     The three products after dS^T are issued back to back (with ``DQ_LAG``, full attention and
     D64, the dQ product is the previous tile's: its dS^T slots are complete by then). With
-    ``PINGPONG`` (D128 full attention) the consumers take turns issuing their products through
-    ``turn`` mbarriers (S^T and dP^T of a tile, then dV, dK and dQ; consumer 0 first), so one
-    consumer's exponentials and dS^T run while the other's products hold the tensor cores (FA3's
-    forward ping-pong, applied to the backward). Every consumer needs every
+    ``PINGPONG`` (D128 full attention) the consumers take turns issuing a tile's S^T and dP^T
+    products through ``turn`` mbarriers (consumer 0 first), so the two consumers' exponentials
+    and dS^T fall at different times and one's run while the other's products hold the tensor
+    cores (FA3's forward ping-pong, applied to the backward). Every consumer needs every
     consumer's dS^T for its dQ columns (D / NUM_CONSUMERS of them): the dS^T slots are
     double-buffered by tile parity with ``ds_full`` / ``ds_empty`` mbarriers. A consumer's dQ
     tile (float32) is staged in shared memory and added into a zeroed float32 (B, H, S_q, D)
@@ -179,7 +179,7 @@ def _dq_reduce(dq_desc, dq_tile, dq, off_b, off_h, m0, C: gl.constexpr, BLOCK_M:
 
 @gluon.jit
 def _turn_wait(turn, t, C: gl.constexpr, PINGPONG: gl.constexpr):
-    # Turn t of consumer C (two per tile): wait for the other consumer's pass. Consumer 0's first
+    # Turn t of consumer C (one per tile): wait for the other consumer's pass. Consumer 0's first
     # wait passes on the fresh barrier.
     if PINGPONG:
         mbarrier.wait(turn.index(C), (t & 1) ^ (1 if C == 0 else 0))
@@ -260,7 +260,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         mbarrier.wait(q_ready.index(s), ph)
         q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        _turn_wait(turn, 2 * it, C, PINGPONG)
+        _turn_wait(turn, it, C, PINGPONG)
         st_tok = warpgroup_mma(k_op, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         lse2 = lse_smem.index(s).reshape([BLOCK_M]).load(qry_layout)
         mbarrier.wait(do_ready.index(s), ph)
@@ -285,7 +285,6 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         fence_async_shared()
         if NUM_CONSUMERS > 1:
             mbarrier.arrive(ds_full.index(buf), count=1)
-        _turn_wait(turn, 2 * it + 1, C, PINGPONG)
         dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
         ds_op = gl.convert_layout(ds, a_layout)
         dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
@@ -298,14 +297,12 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
                 pbuf = pit % 2
                 dq_tok = _dq_mma(ds_smem, k_smem, ds_full, pbuf, (pit // 2) & 1, dq_zero, C, BLOCK_N, HEAD_DIM,
                                  DQ_COLS, NUM_CONSUMERS)  # fmt: skip
-                _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
                 dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
                 mbarrier.arrive(empty.index(s), count=1)
                 if NUM_CONSUMERS > 1:
                     mbarrier.arrive(ds_empty.index(pbuf), count=1)
                 _dq_reduce(dq_desc, dq_tile, dq, off_b, prev_h, prev_m0, C, BLOCK_M, DQ_COLS)
             else:
-                _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
                 dv, p_op, dk, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op))
                 mbarrier.arrive(empty.index(s), count=1)
             prev_h = off_h
@@ -314,7 +311,6 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
             dq_tok = _dq_mma(
                 ds_smem, k_smem, ds_full, buf, bph, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS
             )
-            _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
             dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
             mbarrier.arrive(empty.index(s), count=1)
             if NUM_CONSUMERS > 1:
