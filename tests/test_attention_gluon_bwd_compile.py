@@ -34,7 +34,10 @@ _SCRIPT = SM90_DRIVER + textwrap.dedent(
     ptxas = ptxas_path()
     desc = launch_gluon._descriptor
     assert L.DEFAULT_CONFIG[d] in L.CANDIDATE_CONFIGS[d]
-    for config in L.CANDIDATE_CONFIGS[d]:
+    # Each config with every ping-pong mode the launcher picks for it (MHA and GQA groups).
+    runs = [(c, pp) for c in L.CANDIDATE_CONFIGS[d]
+            for pp in (sorted({L.pingpong(causal, d, g) for g in (1, 2)}) if c[3] == 2 else [0])]
+    for config, pingpong in runs:
         bm, bn, stages, consumers = config
         maxnreg, regs = L._REGS[consumers]
         k = bwd_gluon.attn_bwd_gluon_kernel.warmup(
@@ -44,7 +47,7 @@ _SCRIPT = SM90_DRIVER + textwrap.dedent(
             2, 2, 1000, 777, 0.1, 0.1, 3,
             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages, NUM_CONSUMERS=consumers, CAUSAL=causal,
             CONSUMER_REGS=regs, A_REGS=L.A_REGS[d], DQ_LAG=L.dq_lag(causal, d),
-            PINGPONG=L.pingpong(causal, d) and consumers == 2, num_warps=4, maxnreg=maxnreg,
+            PINGPONG=pingpong, num_warps=4, maxnreg=maxnreg,
             grid=(1,),
         )
         assert k.asm["cubin"], "no cubin"
@@ -58,7 +61,8 @@ _SCRIPT = SM90_DRIVER + textwrap.dedent(
         os.unlink(f.name)
         regs_used = int(re.findall(r"Used (\\d+) registers", log)[-1])
         spill = int(re.findall(r"(\\d+) bytes spill stores", log)[-1])
-        print("config", config, "regs", regs_used, "spill", spill, "smem", k.metadata.shared)
+        print("config", config, "pingpong", pingpong, "regs", regs_used, "spill", spill,
+              "smem", k.metadata.shared)
         # At most a few words (ptxas's stack frame; the shipped Gluon forward has 12 B)
         # unless the config has a measured allowance (launch_bwd_gluon.SPILL_BYTES).
         assert spill <= L.SPILL_BYTES.get((d, config), 16), (config, spill, log[-800:])

@@ -118,16 +118,19 @@ def dq_lag(causal: bool, d_pad: int) -> bool:
     return not causal or d_pad == 64
 
 
-def pingpong(causal: bool, d_pad: int) -> bool:
-    """Whether the two consumers take turns issuing each tile's S^T / dP^T products (kernel
-    ``PINGPONG``, consumer 0 first), so their exponentials and dS^T fall at different times and
-    one's run while the other's products hold the tensor cores. H100, bf16, 16k tokens, one
-    process, interleaved rounds (docs/attention_bwd.md, session 11): D128 full 2k / 4k / 8k /
-    16k 1.033 / 1.040 / 1.050 / 1.057x with turns on every product batch, and turns on the
-    S^T / dP^T batch only (shipped) 1.010 / - / 1.011 / 1.027x over that; D128 causal 0.92-0.97x
-    either way (the other consumer's dS^T of the same tile gates the dQ product), D64
-    0.93x: full attention at D128 only."""
-    return not causal and d_pad == 128
+def pingpong(causal: bool, d_pad: int, group: int) -> int:
+    """Kernel ``PINGPONG``: 0, or how the two consumers take turns issuing their products
+    (consumer 0 first), so their exponentials and dS^T fall at different times and one's run
+    while the other's products hold the tensor cores: 2 = each tile's S^T / dP^T products, 1 =
+    those and then its dV / dK / dQ products. H100, bf16, 16k tokens, one process, interleaved
+    rounds (docs/attention_bwd.md, session 11), D128 full attention: mode 1 over none 1.033 /
+    1.040 / 1.050 / 1.057x at 2k / 4k / 8k / 16k; mode 2 over mode 1 1.011-1.012x at 2k-8k,
+    1.00-1.03 at 16k, but 0.967-0.973x at GQA 32:8 4k (two runs): mode 2 for MHA, mode 1 for
+    GQA/MQA. D128 causal 0.92-0.97x with either (the other consumer's dS^T of the same tile
+    gates the dQ product), D64 0.93x: 0 there."""
+    if causal or d_pad != 128:
+        return 0
+    return 2 if group == 1 else 1
 
 
 def head_chunk(causal: bool, num_n: int, num_bh: int, d_pad: int, device: torch.device) -> int:
@@ -212,7 +215,7 @@ def attention_bwd_gluon(
         H_KV=h_kv, GROUP=h // h_kv, seqlen_q=s_q, seqlen_k=s_k, qk_scale=scale * _LOG2E, scale=scale,
         HEAD_CHUNK=chunk, HEAD_DIM=d_pad, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=stages,
         NUM_CONSUMERS=consumers, CAUSAL=bool(causal), CONSUMER_REGS=consumer_regs, A_REGS=A_REGS[d_pad],
-        DQ_LAG=dq_lag(causal, d_pad), PINGPONG=pingpong(causal, d_pad) and consumers == 2,
+        DQ_LAG=dq_lag(causal, d_pad), PINGPONG=pingpong(causal, d_pad, h // h_kv) if consumers == 2 else 0,
     )  # fmt: skip
     compiled = bwd_gluon.attn_bwd_gluon_kernel[grid](**params, num_warps=4, maxnreg=maxnreg)
     if key is not None:

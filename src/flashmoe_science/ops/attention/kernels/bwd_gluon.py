@@ -28,10 +28,11 @@ One program per (KV block of ``NUM_CONSUMERS * BLOCK_N`` key rows, batch, KV hea
     With ``A_REGS`` (D64) K and V are also A operands from registers, loaded once per program.
     The three products after dS^T are issued back to back (with ``DQ_LAG``, full attention and
     D64, the dQ product is the previous tile's: its dS^T slots are complete by then). With
-    ``PINGPONG`` (D128 full attention) the consumers take turns issuing a tile's S^T and dP^T
-    products through ``turn`` mbarriers (consumer 0 first), so the two consumers' exponentials
-    and dS^T fall at different times and one's run while the other's products hold the tensor
-    cores (FA3's forward ping-pong, applied to the backward). Every consumer needs every
+    ``PINGPONG`` (D128 full attention) the consumers take turns issuing their products through
+    ``turn`` mbarriers (consumer 0 first): a tile's S^T and dP^T (``PINGPONG`` 2), or those and
+    then its dV, dK and dQ products (``PINGPONG`` 1), so the two consumers' exponentials and
+    dS^T fall at different times and one's run while the other's products hold the tensor cores
+    (FA3's forward ping-pong, applied to the backward). Every consumer needs every
     consumer's dS^T for its dQ columns (D / NUM_CONSUMERS of them): the dS^T slots are
     double-buffered by tile parity with ``ds_full`` / ``ds_empty`` mbarriers. A consumer's dQ
     tile (float32) is staged in shared memory and added into a zeroed float32 (B, H, S_q, D)
@@ -179,8 +180,8 @@ def _dq_reduce(dq_desc, dq_tile, dq, off_b, off_h, m0, C: gl.constexpr, BLOCK_M:
 
 @gluon.jit
 def _turn_wait(turn, t, C: gl.constexpr, PINGPONG: gl.constexpr):
-    # Turn t of consumer C (one per tile): wait for the other consumer's pass. Consumer 0's first
-    # wait passes on the fresh barrier.
+    # Turn t of consumer C: wait for the other consumer's pass. Consumer 0's first wait passes on
+    # the fresh barrier.
     if PINGPONG:
         mbarrier.wait(turn.index(C), (t & 1) ^ (1 if C == 0 else 0))
 
@@ -202,6 +203,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
     [C * DQ_COLS, (C + 1) * DQ_COLS) of every query tile, over all of the program's keys."""
     dtype: gl.constexpr = dk_desc.dtype
     DQ_COLS: gl.constexpr = HEAD_DIM // NUM_CONSUMERS
+    TURNS: gl.constexpr = 2 if PINGPONG == 1 else 1  # ping-pong turns per tile
     # S^T / dP^T: (BLOCK_N keys, BLOCK_M queries). dK / dV: (BLOCK_N, D). dQ: (BLOCK_M, DQ_COLS).
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_M, 16])  # fmt: skip
@@ -260,12 +262,12 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         mbarrier.wait(q_ready.index(s), ph)
         q = q_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
         do = do_smem.index(s).reshape([BLOCK_M, HEAD_DIM])
-        _turn_wait(turn, it, C, PINGPONG)
+        _turn_wait(turn, TURNS * it, C, PINGPONG > 0)
         st_tok = warpgroup_mma(k_op, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         lse2 = lse_smem.index(s).reshape([BLOCK_M]).load(qry_layout)
         mbarrier.wait(do_ready.index(s), ph)
         dpt_tok = warpgroup_mma(v_op, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG)
+        _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG > 0)
         st = warpgroup_mma_wait(1, deps=(st_tok,))
         pt = gl.exp2(st * qk_scale - lse2[None, :])
         if tail | (mb < mb_free):
@@ -285,6 +287,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
         fence_async_shared()
         if NUM_CONSUMERS > 1:
             mbarrier.arrive(ds_full.index(buf), count=1)
+        _turn_wait(turn, TURNS * it + 1, C, PINGPONG == 1)
         dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
         ds_op = gl.convert_layout(ds, a_layout)
         dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
@@ -297,12 +300,14 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
                 pbuf = pit % 2
                 dq_tok = _dq_mma(ds_smem, k_smem, ds_full, pbuf, (pit // 2) & 1, dq_zero, C, BLOCK_N, HEAD_DIM,
                                  DQ_COLS, NUM_CONSUMERS)  # fmt: skip
+                _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG == 1)
                 dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
                 mbarrier.arrive(empty.index(s), count=1)
                 if NUM_CONSUMERS > 1:
                     mbarrier.arrive(ds_empty.index(pbuf), count=1)
                 _dq_reduce(dq_desc, dq_tile, dq, off_b, prev_h, prev_m0, C, BLOCK_M, DQ_COLS)
             else:
+                _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG == 1)
                 dv, p_op, dk, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op))
                 mbarrier.arrive(empty.index(s), count=1)
             prev_h = off_h
@@ -311,6 +316,7 @@ def _consumer(C: gl.constexpr, dk_desc, dv_desc, dq_desc, q_smem, do_smem, k_sme
             dq_tok = _dq_mma(
                 ds_smem, k_smem, ds_full, buf, bph, dq_zero, C, BLOCK_N, HEAD_DIM, DQ_COLS, NUM_CONSUMERS
             )
+            _turn_pass(turn, C, NUM_CONSUMERS, PINGPONG == 1)
             dv, p_op, dk, ds_op, dq = warpgroup_mma_wait(0, deps=(dv_tok, p_op, dk_tok, ds_op, dq_tok))
             mbarrier.arrive(empty.index(s), count=1)
             if NUM_CONSUMERS > 1:
@@ -374,7 +380,7 @@ def attn_bwd_gluon_kernel(
     H_KV, GROUP, seqlen_q, seqlen_k, qk_scale, scale, HEAD_CHUNK,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, A_REGS: gl.constexpr = False,
-    DQ_LAG: gl.constexpr = False, PINGPONG: gl.constexpr = False,
+    DQ_LAG: gl.constexpr = False, PINGPONG: gl.constexpr = 0,
 ):  # fmt: skip
     """Grid: (cdiv(S_k, NUM_CONSUMERS * BLOCK_N) * B * H_kv,). Launch with num_warps=4
     (consumer 0; the other consumer and the producer warp are worker partitions).
@@ -385,7 +391,7 @@ def attn_bwd_gluon_kernel(
     gl.static_assert(BLOCK_M == 64 or BLOCK_M == 128)
     gl.static_assert(NUM_CONSUMERS == 1 or NUM_CONSUMERS == 2)
     gl.static_assert(HEAD_DIM == 64 or HEAD_DIM == 128)
-    gl.static_assert(not PINGPONG or NUM_CONSUMERS == 2)
+    gl.static_assert(PINGPONG == 0 or NUM_CONSUMERS == 2)
 
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
