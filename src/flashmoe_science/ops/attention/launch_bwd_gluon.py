@@ -123,8 +123,8 @@ def pingpong(causal: bool, d_pad: int, group: int) -> int:
     (consumer 0 first), so their exponentials and dS^T fall at different times and one's run
     while the other's products hold the tensor cores: 2 = each tile's S^T / dP^T products, 1 =
     those and then its dV / dK / dQ products. H100, bf16, 16k tokens, one process, interleaved
-    rounds (docs/attention_bwd.md, session 11), D128 full attention: mode 1 over none 1.033 /
-    1.040 / 1.050 / 1.057x at 2k / 4k / 8k / 16k; mode 2 over mode 1 1.011-1.012x at 2k-8k,
+    rounds (docs/attention_bwd.md, session 11), D128 full attention: mode 1 over none 1.035 /
+    1.051 / 1.075x at 2k / 8k / 16k; mode 2 over mode 1 1.011-1.012x at 2k-8k,
     1.00-1.03 at 16k, but 0.967-0.973x at GQA 32:8 4k (two runs): mode 2 for MHA, mode 1 for
     GQA/MQA. D128 causal 0.92-0.97x with either (the other consumer's dS^T of the same tile
     gates the dQ product), D64 0.93x: 0 there."""
