@@ -69,6 +69,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+# The forward's ping-pong turns (``turn`` mbarriers, consumer 0 first).
+from .fwd_gluon import _turn_pass, _turn_wait
+
 
 @_builtin
 def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
@@ -176,20 +179,6 @@ def _dq_reduce(dq_desc, dq_tile, dq, off_b, off_h, m0, C: gl.constexpr, BLOCK_M:
     dq_tile.reshape([BLOCK_M, DQ_COLS]).store(dq)
     fence_async_shared()
     _tma_reduce_add(dq_desc, [off_b, off_h, m0, C * DQ_COLS], dq_tile)
-
-
-@gluon.jit
-def _turn_wait(turn, t, C: gl.constexpr, PINGPONG: gl.constexpr):
-    # Turn t of consumer C: wait for the other consumer's pass. Consumer 0's first wait passes on
-    # the fresh barrier.
-    if PINGPONG:
-        mbarrier.wait(turn.index(C), (t & 1) ^ (1 if C == 0 else 0))
-
-
-@gluon.jit
-def _turn_pass(turn, C: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
-    if PINGPONG:
-        mbarrier.arrive(turn.index((C + 1) % NUM_CONSUMERS), count=1)
 
 
 @gluon.jit
